@@ -42,7 +42,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["softmax_attention_naive", "softmax_attention_reference", "check_attention_inputs"]
+__all__ = ["softmax_attention_naive", "softmax_attention_reference", "check_attention_inputs", "dense_attention_mask"]
 
 
 def check_attention_inputs(q, k, v, *, key_padding_mask=None, attn_mask=None, sinks=None,
@@ -154,6 +154,19 @@ class _MaskSpec:
             else:
                 bias = m
         return allowed, bias
+
+
+def dense_attention_mask(q_len, kv_len, *, causal=False, window=None, key_padding_mask=None,
+                         cu_seqlens_q=None, cu_seqlens_k=None, device="cpu"):
+    """The boolean mask [B|1, 1, q_len, kv_len] (True = may attend) that the conventions above define.
+
+    For backends that take an explicit mask (torch SDPA); the blockwise reference never builds it whole.
+    """
+    q = torch.empty(1, 1, q_len, 0, device=device)
+    k = torch.empty(1, 1, kv_len, 0, device=device)
+    spec = _MaskSpec(q, k, causal=causal, window=window, key_padding_mask=key_padding_mask, attn_mask=None,
+                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    return spec.block(0, q_len, 0, kv_len, torch.device(device))[0]
 
 
 def _scores(qb, kb, scale, softcap):

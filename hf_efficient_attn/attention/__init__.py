@@ -1,0 +1,8 @@
+"""Layer 1: the only code that touches transformers internals (registry, patching, converted modules)."""
+
+from .patch import is_patched, patch, patched, unpatch
+from .registry import BACKENDS, IMPL_NAMES, register, softmax_attention
+
+register()
+
+__all__ = ["BACKENDS", "IMPL_NAMES", "is_patched", "patch", "patched", "register", "softmax_attention", "unpatch"]

@@ -1,0 +1,108 @@
+"""patch / unpatch / patched: switch a loaded model's attention to ours through the registry, and back."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .registry import BACKEND_OF_IMPL, BACKENDS, IMPL_NAMES, _triton_can_run
+
+_SAVED_ATTR = "_hfa_saved_attn_implementation"
+
+
+def _check_model(model):
+    try:
+        from transformers import PreTrainedModel
+    except ImportError as e:  # pragma: no cover - transformers is a hard dependency
+        raise ImportError("hf_efficient_attn needs transformers>=5.17: pip install 'transformers>=5.17'") from e
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"patch() takes a transformers PreTrainedModel, got {type(model).__name__}")
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and not m._can_set_attn_implementation():
+            raise ValueError(
+                f"{type(m).__name__} cannot be patched: its modeling code does not dispatch attention through "
+                f"transformers' AttentionInterface (ALL_ATTENTION_FUNCTIONS), so changing the attention "
+                f"implementation would silently do nothing. Models written for the transformers v5 attention "
+                f"interface (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi3, GPT-NeoX, GPT-OSS, BERT, ...) work."
+            )
+
+
+def _current_implementations(config) -> dict:
+    """The attention implementation of a config and of each nested sub-config, in set_attn_implementation's dict form."""
+    out = {"": config._attn_implementation}
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            out[key] = _current_implementations(sub)
+    return out
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def is_patched(model) -> bool:
+    """True when the model's attention currently runs through one of our implementations."""
+    return model.config._attn_implementation in BACKEND_OF_IMPL
+
+
+def patch(model, backend: str = "auto"):
+    """Make every attention layer of ``model`` run on our kernels; returns the same model.
+
+    backend: "auto" (Triton on CUDA where it serves the call, else an exact fallback: torch SDPA or
+    the blockwise reference), "triton" (only Triton; error where it cannot run), "reference" (the
+    blockwise plain-PyTorch reference). Patching twice is harmless; :func:`unpatch` restores the
+    implementation the model had before the first patch.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    _check_model(model)
+    if backend == "triton":
+        reason = _triton_can_run(_model_device(model))
+        if reason is not None:
+            raise ValueError(f"backend='triton' cannot run here: {reason}. Move the model to a GPU "
+                             f"(model.cuda()), or use backend='auto' or 'reference'.")
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            raise ImportError("backend='triton' needs the triton package: pip install triton") from e
+    if not is_patched(model):
+        model.__dict__[_SAVED_ATTR] = _current_implementations(model.config)
+    model.set_attn_implementation(IMPL_NAMES[backend])
+    if model.config._attn_implementation != IMPL_NAMES[backend]:  # set_attn_implementation only warns
+        raise ValueError(f"transformers refused attn_implementation={IMPL_NAMES[backend]!r} for "
+                         f"{type(model).__name__}; the model is left unchanged")
+    return model
+
+
+def unpatch(model):
+    """Restore the attention implementation the model had before :func:`patch`; returns the model.
+
+    A model that is not patched is returned unchanged.
+    """
+    saved = model.__dict__.pop(_SAVED_ATTR, None)
+    if saved is None:
+        if is_patched(model):  # loaded with attn_implementation="hfa": there is no "before"
+            raise ValueError("this model was created with an hfa attention implementation, so there is no "
+                             "previous one to restore; use model.set_attn_implementation('sdpa') instead")
+        return model
+    model.set_attn_implementation(saved)
+    return model
+
+
+@contextlib.contextmanager
+def patched(model, backend: str = "auto"):
+    """Context manager: the model is patched inside the block and restored after it, even on error."""
+    was_patched = is_patched(model)
+    before = model.config._attn_implementation
+    patch(model, backend=backend)
+    try:
+        yield model
+    finally:
+        if was_patched:
+            model.set_attn_implementation(before)
+        else:
+            unpatch(model)
