@@ -45,6 +45,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# triton.jit builds interpreter or GPU kernels depending on TRITON_INTERPRET when this module is imported
+INTERPRETED = _interpreting()
+
+
 # ----------------------------------------------------------------------------------------------
 # Shared @triton.jit helpers (also used by triton_decode.py)
 # ----------------------------------------------------------------------------------------------
