@@ -141,15 +141,19 @@ def _sdpa_attention(q, k, v, *, scale, causal, window, key_padding_mask, attn_ma
     Sq, Skv = q.shape[2], k.shape[2]
     plain = key_padding_mask is None and cu_seqlens_q is None and (window is None or window >= Skv)
     if attn_mask is None and plain and (not causal or Sq == 1 or Sq == Skv):
-        mask, is_causal = None, causal and Sq > 1
-    elif attn_mask is not None:
-        mask, is_causal = attn_mask, False
+        mask, is_causal = None, causal and Sq > 1  # SDPA's own causal flag: its fastest kernels
     else:
-        mask = dense_attention_mask(Sq, Skv, causal=causal, window=window, key_padding_mask=key_padding_mask,
-                                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, device=q.device)
         is_causal = False
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask.to(q.dtype)
+        mask = None
+        if not (plain and (not causal or Sq == 1)):  # some structural rule cuts: spell it out
+            mask = dense_attention_mask(Sq, Skv, causal=causal, window=window, key_padding_mask=key_padding_mask,
+                                        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, device=q.device)
+        if attn_mask is not None:  # combined with the rules above, as in the reference
+            if attn_mask.dtype == torch.bool:
+                mask = attn_mask if mask is None else mask & attn_mask
+            else:
+                bias = attn_mask.to(q.dtype)
+                mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                           scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 

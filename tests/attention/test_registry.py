@@ -123,6 +123,8 @@ def test_fallback_is_logged_once(caplog):
     dict(causal=True, window=3),
     dict(causal=False, key_padding_mask=torch.tensor([[True] * 7 + [False] * 2])),
     dict(causal=True, cu_seqlens_q=torch.tensor([0, 4, 9]), cu_seqlens_k=torch.tensor([0, 4, 9])),
+    dict(causal=True, attn_mask=torch.rand(1, 1, 9, 9, generator=torch.Generator().manual_seed(3)) > 0.3),
+    dict(causal=False, window=2, attn_mask=torch.randn(1, 4, 9, 9, generator=torch.Generator().manual_seed(4))),
 ])
 def test_auto_sdpa_path_equals_reference(opts):
     q, k, v = torch.randn(1, 4, 9, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
