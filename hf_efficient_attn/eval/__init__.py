@@ -1,5 +1,23 @@
-"""Layer 3: accuracy and cost checks — bundled models, data, perplexity, KV-cache accounting, reports."""
+"""Layer 3: accuracy and cost checks — bundled models and text, perplexity, KV-cache accounting, reports.
 
-from .models import BUNDLED_MODELS, load_model
+    from hf_efficient_attn.eval import load_model, load_text, perplexity, kv_cache_bytes
+    model, tok = load_model("smollm2-135m")
+    res = perplexity(model, tok, None, context_length=512)    # None: the bundled held-out split
+    res.ppl, res.nll, res.tokens, res.protocol
+    kv_cache_bytes(model, tokens=1024) / 1024                  # bytes per token, from the real cache
+"""
 
-__all__ = ["BUNDLED_MODELS", "load_model"]
+from .cost import SpeedPoint, cache_tensors, kv_cache_bytes, measure_speed, parameter_count
+from .data import BUNDLED_CORPORA, SPLITS, TextData, load_text, split_of
+from .models import BUNDLED_MODELS, BundledModel, cache_dir, load_model
+from .perplexity import PerplexityResult, perplexity, tokenize_stream, tokenizer_adds_bos
+from .report import (DEMO_CONVERSIONS, DemoConversion, ModelReport, evaluate_model, evaluate_models,
+                     format_table, run_demo, to_markdown, write_report)
+
+__all__ = [
+    "BUNDLED_CORPORA", "BUNDLED_MODELS", "BundledModel", "DEMO_CONVERSIONS", "DemoConversion", "ModelReport",
+    "PerplexityResult", "SPLITS", "SpeedPoint", "TextData", "cache_dir", "cache_tensors", "evaluate_model",
+    "evaluate_models", "format_table", "kv_cache_bytes", "load_model", "load_text", "measure_speed",
+    "parameter_count", "perplexity", "run_demo", "split_of", "to_markdown", "tokenize_stream",
+    "tokenizer_adds_bos", "write_report",
+]

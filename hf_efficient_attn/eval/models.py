@@ -266,6 +266,7 @@ def load_model(name_or_path, dtype=torch.float32, attn_implementation=None):
         tokenizer = AutoTokenizer.from_pretrained(path)
         model.name_or_path = name  # reports say "smollm2-135m", not a cache path
         model.config.name_or_path = name
+        tokenizer.name_or_path = name
         return model.eval(), tokenizer
 
     path = Path(name).expanduser()

@@ -1,0 +1,237 @@
+"""What attention costs: KV-cache bytes measured on the real cache object, speed, parameters.
+
+`kv_cache_bytes` does not compute a formula from the config: it runs the model over `tokens`
+tokens with ``use_cache=True`` and adds up the tensors the returned cache object holds, whatever
+they are — keys and values of full or sliding-window layers, the latent of an MLA cache, the state
+and normaliser of linear attention — so a converted model is measured by the same code as the
+original.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["SpeedPoint", "cache_tensors", "kv_cache_bytes", "measure_speed", "parameter_count"]
+
+_MAX_DEPTH = 12
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _probe_ids(model, tokens: int, batch: int = 1) -> torch.Tensor:
+    """Deterministic token ids `[batch, tokens]` (a fixed generator; the cache size does not depend on content)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (batch, tokens), generator=g).to(_model_device(model))
+
+
+def cache_tensors(cache) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor reachable from a cache object, with its attribute path (e.g. ``layers.3.keys``).
+
+    Walks attributes, lists, tuples and dicts (the legacy tuple-of-tuples format too); never enters
+    an ``nn.Module`` (a cache that references its model must not count the model's weights), and
+    visits each object once.
+    """
+    found: list[tuple[str, torch.Tensor]] = []
+    seen: set[int] = set()
+
+    def walk(obj, path: str, depth: int) -> None:
+        if isinstance(obj, torch.Tensor):
+            found.append((path, obj))
+            return
+        if obj is None or isinstance(obj, (str, bytes, int, float, bool, torch.dtype, torch.device, nn.Module)):
+            return
+        if depth > _MAX_DEPTH or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, dict) or (hasattr(obj, "items") and hasattr(obj, "keys") and hasattr(obj, "data")):
+            for k, v in list(obj.items()):
+                walk(v, f"{path}.{k}" if path else str(k), depth + 1)
+            return
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            for i, v in enumerate(obj):
+                walk(v, f"{path}.{i}" if path else str(i), depth + 1)
+            return
+        attrs = getattr(obj, "__dict__", None)
+        if attrs is None:
+            return
+        for k, v in attrs.items():
+            walk(v, f"{path}.{k}" if path else k, depth + 1)
+
+    walk(cache, "", 0)
+    return found
+
+
+def _deduplicated_bytes(tensors: list[tuple[str, torch.Tensor]]) -> int:
+    """Bytes of the tensors, each distinct view counted once, never more than the storage they view.
+
+    A tensor counts its own extent (a sliding-window layer's ``keys`` right after prefill is a view of
+    the last window of a larger buffer: it counts the window). Two names for one tensor count once;
+    views of one storage add up to at most that storage's size.
+    """
+    per_storage: dict[int, dict[tuple, int]] = {}
+    storage_size: dict[int, int] = {}
+    for _, t in tensors:
+        if t.numel() == 0:
+            continue
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        storage_size[key] = st.nbytes()
+        view = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        per_storage.setdefault(key, {})[view] = t.numel() * t.element_size()
+    return sum(min(sum(views.values()), storage_size[k]) for k, views in per_storage.items())
+
+
+def kv_cache_bytes(model, tokens: int = 1024, batch_size: int = 1) -> int:
+    """TOTAL bytes held by the model's cache after one forward pass over `tokens` tokens.
+
+    Runs `model(input_ids [batch_size, tokens], use_cache=True)` and sums the tensors of the
+    returned cache object (`cache_tensors`), shared storage counted once. Per-token cost is
+    ``kv_cache_bytes(model, tokens) / tokens`` (not constant for sliding-window layers, which stop
+    growing at their window). Raises ``ValueError`` for a model that returns no cache (an encoder).
+    """
+    if not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens must be a positive integer, got {tokens!r}")
+    ids = _probe_ids(model, tokens, batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            kwargs = {"use_cache": True}
+            if "logits_to_keep" in _forward_params(model):
+                kwargs["logits_to_keep"] = 1  # only the cache matters; skip the [tokens, vocab] logits
+            out = model(input_ids=ids, **kwargs)
+    finally:
+        model.train(was_training)
+    cache = _output_cache(out)
+    if cache is None:
+        raise ValueError(
+            f"{type(model).__name__} returned no cache from a forward pass with use_cache=True: it keeps no "
+            "KV cache (an encoder such as BERT attends over the whole input at once). kv_cache_bytes applies "
+            "to decoders"
+        )
+    tensors = cache_tensors(cache)
+    if not tensors:
+        raise ValueError(f"the cache returned by {type(model).__name__} ({type(cache).__name__}) holds no tensors")
+    return _deduplicated_bytes(tensors)
+
+
+# The cache keyword was renamed across transformers 5.x (past_key_values -> cache); use whichever exists.
+_CACHE_NAMES = ("cache", "past_key_values", "cache_params")
+
+
+def _output_cache(out):
+    """The cache object of a model output, under whichever name this transformers version uses."""
+    fields = getattr(out, "__dataclass_fields__", None) or {}
+    for name in _CACHE_NAMES:
+        if name in fields:
+            return getattr(out, name)
+    if isinstance(out, tuple) and len(out) > 1:
+        return out[1]
+    return None
+
+
+def _cache_kwarg(model) -> str:
+    params = _forward_params(model)
+    for name in _CACHE_NAMES:
+        if name in params:
+            return name
+    return "past_key_values"
+
+
+def _forward_params(model) -> set[str]:
+    import inspect
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def parameter_count(model, trainable_only: bool = False) -> int:
+    """Number of parameters; tied weights (e.g. input and output embeddings) count once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+@dataclass
+class SpeedPoint:
+    context: int           # tokens in the prompt
+    prefill_s: float       # one forward pass over the prompt (median of repeats)
+    prefill_tok_s: float
+    decode_tokens: int     # tokens generated after the prompt, one at a time with the cache
+    decode_s: float        # for all decode steps (median of repeats)
+    decode_tok_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_speed(model, context_lengths=(128, 512, 2048), decode_tokens: int = 32, repeats: int = 1,
+                  batch_size: int = 1, warmup: bool = True) -> list[SpeedPoint]:
+    """Prefill time and greedy decode tokens/s with the cache, at each context length.
+
+    For each length L: a forward pass over L fixed tokens with ``use_cache=True`` (prefill), then
+    `decode_tokens` single-token steps feeding back the argmax and the cache (decode). Times are the
+    median over `repeats`. On CUDA the device is synchronized around each timed region.
+    """
+    if decode_tokens < 1:
+        raise ValueError(f"decode_tokens must be >= 1, got {decode_tokens}")
+    if not context_lengths or any((not isinstance(c, int)) or c < 1 for c in context_lengths):
+        raise ValueError(f"context_lengths must be positive integers, got {context_lengths!r}")
+    device = _model_device(model)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
+    cache_kw = _cache_kwarg(model)
+    was_training = model.training
+    model.eval()
+
+    def run(length: int) -> tuple[float, float]:
+        ids = _probe_ids(model, length, batch_size)
+        _synchronize(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, **keep)
+        _synchronize(device)
+        t1 = time.perf_counter()
+        cache = _output_cache(out)
+        if cache is None:
+            raise ValueError(f"{type(model).__name__} returned no cache with use_cache=True; decode speed "
+                             "needs a decoder that caches")
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(decode_tokens):
+            out = model(input_ids=nxt, use_cache=True, **{cache_kw: cache}, **keep)
+            cache = _output_cache(out)
+            nxt = out.logits[:, -1:].argmax(-1)
+        _synchronize(device)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+    points = []
+    try:
+        with torch.inference_mode():
+            if warmup:
+                run(min(16, min(context_lengths)))
+            for length in context_lengths:
+                times = [run(length) for _ in range(repeats)]
+                pre = sorted(t[0] for t in times)[len(times) // 2]
+                dec = sorted(t[1] for t in times)[len(times) // 2]
+                points.append(SpeedPoint(length, pre, batch_size * length / pre, decode_tokens, dec,
+                                         batch_size * decode_tokens / dec))
+    finally:
+        model.train(was_training)
+    return points

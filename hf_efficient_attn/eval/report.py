@@ -1,0 +1,365 @@
+"""The comparison report: models side by side on the same data under the same protocol.
+
+`evaluate_models` measures each model (perplexity, KV-cache bytes from the real cache, decode
+speed at several context lengths, parameters); `format_table` / `to_markdown` print the one table;
+`write_report` writes JSON, Markdown and (with matplotlib) two plots. `run_demo` is the main job of
+`hfa demo`: the bundled SmolLM2, the patch check, every conversion in `DEMO_CONVERSIONS`, one table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .cost import kv_cache_bytes, measure_speed, parameter_count
+from .data import TextData, load_text
+from .perplexity import perplexity
+
+__all__ = [
+    "DEMO_CONVERSIONS", "DemoConversion", "ModelReport", "evaluate_model", "evaluate_models", "format_table",
+    "run_demo", "to_markdown", "write_report",
+]
+
+
+@dataclass
+class ModelReport:
+    """One row of the comparison, with everything needed to reproduce it."""
+
+    model: str
+    ppl: float
+    nll: float
+    tokens: int
+    params: int
+    kv_cache_bytes: int | None       # total bytes of the real cache after `kv_tokens` tokens
+    kv_tokens: int
+    speed: list[dict] = field(default_factory=list)   # SpeedPoint dicts, one per context length
+    protocol: dict = field(default_factory=dict)
+    delta_ppl: float | None = None   # ppl - ppl of the first model; None where token streams differ
+    seconds: float = 0.0             # wall time to evaluate this model
+    note: str = ""
+
+    @property
+    def kv_bytes_per_token(self) -> float | None:
+        return None if self.kv_cache_bytes is None else self.kv_cache_bytes / self.kv_tokens
+
+    def decode_tok_s(self, context: int | None = None) -> float | None:
+        """Decode speed at `context` (default: the largest measured context not above the eval context)."""
+        if not self.speed:
+            return None
+        if context is None:
+            ctx = self.protocol.get("context_length") or 0
+            fitting = [p for p in self.speed if p["context"] <= ctx]
+            point = max(fitting, key=lambda p: p["context"]) if fitting else min(self.speed, key=lambda p: p["context"])
+        else:
+            matches = [p for p in self.speed if p["context"] == context]
+            if not matches:
+                return None
+            point = matches[0]
+        return point["decode_tok_s"]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["kv_bytes_per_token"] = self.kv_bytes_per_token
+        d["decode_tok_s"] = self.decode_tok_s()
+        return d
+
+
+def evaluate_model(model, tokenizer, data=None, *, name: str | None = None, context_length: int = 512,
+                   stride: int | None = None, max_tokens: int | None = None, batch_size: int | None = None,
+                   kv_tokens: int | None = None, speed_contexts=(128, 512, 2048), decode_tokens: int = 32,
+                   progress: bool = True) -> ModelReport:
+    """Measure one model: perplexity on `data`, KV-cache bytes after `kv_tokens` tokens (default: the
+    context length), decode speed at `speed_contexts` (empty: skip), parameter count."""
+    t0 = time.perf_counter()
+    res = perplexity(model, tokenizer, data, context_length=context_length, stride=stride,
+                     max_tokens=max_tokens, batch_size=batch_size, progress=progress)
+    if name is not None:
+        res.protocol["model"] = name
+    kv_tokens = kv_tokens or context_length
+    kv = kv_cache_bytes(model, tokens=kv_tokens)
+    speed = [p.to_dict() for p in measure_speed(model, tuple(speed_contexts), decode_tokens=decode_tokens)] \
+        if speed_contexts else []
+    return ModelReport(model=res.protocol["model"], ppl=res.ppl, nll=res.nll, tokens=res.tokens,
+                       params=parameter_count(model), kv_cache_bytes=kv, kv_tokens=kv_tokens, speed=speed,
+                       protocol=res.protocol, seconds=time.perf_counter() - t0)
+
+
+def _fill_deltas(reports: list[ModelReport]) -> list[ModelReport]:
+    """Δppl against the first model, only between models scored on the same token stream."""
+    if not reports:
+        return reports
+    base = reports[0]
+    for r in reports:
+        same = r.protocol.get("token_stream_sha256") == base.protocol.get("token_stream_sha256")
+        r.delta_ppl = r.ppl - base.ppl if same else None
+        if not same and "different tokens" not in r.note:
+            r.note = (r.note + "; " if r.note else "") + "different tokens than the first model: ppl not comparable"
+    return reports
+
+
+def evaluate_models(models, data=None, *, context_length: int = 512, stride: int | None = None,
+                    max_tokens: int | None = None, batch_size: int | None = None, kv_tokens: int | None = None,
+                    speed_contexts=(128, 512, 2048), decode_tokens: int = 32, dtype=torch.float32,
+                    split: str | None = None, progress: bool = True) -> list[ModelReport]:
+    """Evaluate several models on the same text under the same protocol; Δppl is against the first.
+
+    models: names/paths for `load_model`, or `(name, model, tokenizer)` tuples, mixed freely.
+    Models given by name are loaded one at a time and released before the next.
+    """
+    from .models import load_model
+
+    if not models:
+        raise ValueError("give at least one model")
+    text = load_text(data, split=split)  # load once: every model sees exactly the same text
+    reports = []
+    for entry in models:
+        if isinstance(entry, tuple):
+            name, model, tok = entry
+        else:
+            name = str(entry)
+            model, tok = load_model(name, dtype=dtype)
+        reports.append(evaluate_model(model, tok, text, name=name, context_length=context_length, stride=stride,
+                                      max_tokens=max_tokens, batch_size=batch_size, kv_tokens=kv_tokens,
+                                      speed_contexts=speed_contexts, decode_tokens=decode_tokens,
+                                      progress=progress))
+        del model
+    return _fill_deltas(reports)
+
+
+# -- the table ---------------------------------------------------------------------------------------
+
+def _human(n: float | None, unit: str = "") -> str:
+    if n is None:
+        return "n/a"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def _rows(reports: list[ModelReport]) -> tuple[list[str], list[list[str]]]:
+    kv_tok = {r.kv_tokens for r in reports}
+    ctx = reports[0].protocol.get("context_length") if reports else None
+    kv_head = f"KV bytes/token @{kv_tok.pop()}" if len(kv_tok) == 1 else "KV bytes/token"
+    dec_head = f"decode tok/s @{_speed_context(reports)}" if _speed_context(reports) else "decode tok/s"
+    header = ["model", "ppl", "Δppl", kv_head, "decode tok/s" if not ctx else dec_head, "params"]
+    rows = []
+    for i, r in enumerate(reports):
+        if r.delta_ppl is None:
+            delta = "n/a"
+        elif i == 0:
+            delta = "—"
+        else:
+            delta = f"{r.delta_ppl:+.3f}"
+        kvpt = r.kv_bytes_per_token
+        dec = r.decode_tok_s()
+        rows.append([r.model, f"{r.ppl:.3f}", delta, "n/a" if kvpt is None else f"{kvpt:,.0f}",
+                     "n/a" if dec is None else f"{dec:.1f}", _human(r.params)])
+    return header, rows
+
+
+def _speed_context(reports: list[ModelReport]) -> int | None:
+    if not reports or not reports[0].speed:
+        return None
+    ctx = reports[0].protocol.get("context_length") or 0
+    fitting = [p["context"] for p in reports[0].speed if p["context"] <= ctx]
+    return max(fitting) if fitting else min(p["context"] for p in reports[0].speed)
+
+
+def protocol_line(reports: list[ModelReport]) -> str:
+    """One sentence saying how the numbers were measured (same for every row)."""
+    if not reports:
+        return ""
+    p = reports[0].protocol
+    stride = "disjoint windows" if p.get("stride") is None else f"stride {p['stride']}"
+    bos = ", BOS at the start of each window" if p.get("bos_per_window") else ""
+    return (f"data {p.get('data')} (sha256 {str(p.get('data_sha256'))[:12]}), {p.get('tokens')} scored tokens, "
+            f"context {p.get('context_length')}, {stride}{bos}, {p.get('dtype')}, device {p.get('device')}, "
+            f"torch {p.get('torch')}, transformers {p.get('transformers')}")
+
+
+def format_table(reports: list[ModelReport]) -> str:
+    """The comparison as an aligned plain-text table, followed by the protocol and any notes."""
+    header, rows = _rows(reports)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    right = {1, 2, 3, 4, 5}
+    fmt = lambda cells: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    lines = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+    lines.append(f"protocol: {protocol_line(reports)}")
+    lines += [f"note ({r.model}): {r.note}" for r in reports if r.note]
+    return "\n".join(lines)
+
+
+def to_markdown(reports: list[ModelReport]) -> str:
+    header, rows = _rows(reports)
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out.append("")
+    out.append(f"Protocol: {protocol_line(reports)}.")
+    out += [f"Note ({r.model}): {r.note}." for r in reports if r.note]
+    if any(r.speed for r in reports):
+        out += ["", "Decode speed (tokens/s, greedy, batch 1) by context length:", ""]
+        ctxs = sorted({p["context"] for r in reports for p in r.speed})
+        out.append("| model | " + " | ".join(str(c) for c in ctxs) + " |")
+        out.append("|---|" + "|".join(["---:"] * len(ctxs)) + "|")
+        for r in reports:
+            cells = []
+            for c in ctxs:
+                v = r.decode_tok_s(c)
+                cells.append("n/a" if v is None else f"{v:.1f}")
+            out.append(f"| {r.model} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+# -- files and plots ---------------------------------------------------------------------------------
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _plots(reports: list[ModelReport], out: Path) -> list[Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    pts = [r for r in reports if r.kv_bytes_per_token is not None]
+    if pts:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in pts:
+            ax.scatter(r.kv_bytes_per_token, r.ppl, s=40)
+            ax.annotate(r.model, (r.kv_bytes_per_token, r.ppl), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_xlabel(f"KV-cache bytes per token (at {pts[0].kv_tokens} tokens)")
+        ax.set_ylabel("perplexity")
+        ax.set_title("accuracy vs KV-cache size")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        p = out / "ppl_vs_kv_bytes.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    if any(r.speed for r in reports):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in reports:
+            if r.speed:
+                ax.plot([p["context"] for p in r.speed], [p["decode_tok_s"] for p in r.speed], marker="o", label=r.model)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("decode tokens/s (batch 1)")
+        ax.set_title(f"decode speed ({reports[0].protocol.get('device')})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out / "decode_speed.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def write_report(reports: list[ModelReport], out_dir, extra: dict | None = None, plots: bool = True) -> dict:
+    """Write ``report.json``, ``report.md`` and (if matplotlib is installed) the plots to `out_dir`.
+
+    Returns ``{"json": path, "markdown": path, "plots": [paths]}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"models": [r.to_dict() for r in reports], "protocol": protocol_line(reports), **(extra or {})}
+    jpath, mpath = out / "report.json", out / "report.md"
+    _write_atomic(jpath, (json.dumps(payload, indent=2, default=str) + "\n").encode())
+    _write_atomic(mpath, to_markdown(reports).encode())
+    return {"json": jpath, "markdown": mpath, "plots": _plots(reports, out) if plots else []}
+
+
+# -- the demo ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DemoConversion:
+    """One conversion `hfa demo` runs on the bundled model. Add a line to `DEMO_CONVERSIONS` per method.
+
+    label: the row name. method/options: ``hfa.convert(model, method, **options, calibration=...,
+    tokenizer=...)`` with the calibration split of the bundled corpus. build: instead of `method`, a
+    function ``build(model, tokenizer, calibration: TextData, max_tokens: int) -> model`` for recipes
+    that do more than one `convert` call (e.g. convert, then distill).
+    """
+
+    label: str
+    method: str | None = None
+    options: dict = field(default_factory=dict)
+    build: Callable | None = None
+
+
+# Fast default settings, a few minutes on 2 CPU cores in all. One line per conversion, e.g.
+#   DemoConversion("gqa kv=1", "gqa", {"num_kv_heads": 1}),
+DEMO_CONVERSIONS: list[DemoConversion] = []
+
+
+def _run_conversion(step: DemoConversion, model, tokenizer, calibration: TextData, max_tokens: int):
+    if step.build is not None:
+        return step.build(model, tokenizer, calibration, max_tokens)
+    import hf_efficient_attn as hfa
+    if not hasattr(hfa, "convert"):
+        raise ImportError(f"demo step {step.label!r} needs hf_efficient_attn.convert, which this installation lacks")
+    return hfa.convert(model, step.method, calibration=list(calibration.documents), tokenizer=tokenizer,
+                       **step.options)
+
+
+def run_demo(max_tokens: int = 8192, context_length: int = 512, out_dir=None, speed_contexts=(128, 512),
+             decode_tokens: int = 16, patch_new_tokens: int = 32, conversions=None, progress: bool = True,
+             echo: Callable[[str], None] = print) -> dict:
+    """The main job on the bundled defaults, offline: SmolLM2-135M, the patch check, every conversion in
+    `DEMO_CONVERSIONS`, each evaluated on the held-out split of the bundled corpus; one table.
+
+    Returns ``{"patch_check": dict, "reports": [ModelReport], "table": str, "files": dict | None, "ok": bool}``.
+    """
+    from .models import load_model
+
+    conversions = DEMO_CONVERSIONS if conversions is None else conversions
+    echo("hfa demo: SmolLM2-135M-Instruct (bundled), held-out split of the bundled Python-docs corpus")
+    model, tok = load_model("smollm2-135m")
+
+    echo("\n[1/3] patch check: stock sdpa vs hf_efficient_attn")
+    from .patch_check import patch_check
+    try:
+        from .patch_check import print_patch_check
+    except ImportError:
+        print_patch_check = lambda r: echo(json.dumps(r, indent=2, default=str))
+    check = patch_check("smollm2-135m", new_tokens=patch_new_tokens)
+    print_patch_check(check)
+
+    echo(f"\n[2/3] conversions: {', '.join(c.label for c in conversions) if conversions else 'none registered yet'}")
+    entries = [("smollm2-135m", model, tok)]
+    calibration = load_text(None, split="calibration") if conversions else None
+    for step in conversions:
+        t0 = time.perf_counter()
+        converted = _run_conversion(step, model, tok, calibration, max_tokens)
+        echo(f"  {step.label}: converted in {time.perf_counter() - t0:.1f} s")
+        entries.append((f"smollm2-135m {step.label}", converted, tok))
+
+    echo(f"\n[3/3] evaluating {len(entries)} model(s) on {max_tokens} held-out tokens, context {context_length}")
+    reports = evaluate_models(entries, None, context_length=context_length, max_tokens=max_tokens,
+                              speed_contexts=speed_contexts, decode_tokens=decode_tokens, progress=progress)
+    table = format_table(reports)
+    echo("\n" + table)
+    files = None
+    if out_dir is not None:
+        files = write_report(reports, out_dir, extra={"patch_check": check})
+        echo(f"\nwrote {files['json']}, {files['markdown']}" + "".join(f", {p}" for p in files["plots"]))
+    return {"patch_check": check, "reports": reports, "table": table, "files": files, "ok": bool(check.get("ok"))}
