@@ -152,3 +152,25 @@ def test_sinks_gradient_closed_form():
     closed = -(torch.exp(sinks.detach().view(1, 3, 1) - lse) * delta).sum(dim=(0, 2))
     torch.testing.assert_close(closed, grad, rtol=1e-6, atol=1e-9)  # lse is returned in fp32, even for fp64
     assert math.isfinite(grad.sum().item())
+
+
+def test_default_tiles_are_in_their_grids(monkeypatch):
+    """Without HFA_TRITON_AUTOTUNE each kernel runs exactly its default tile; with it, every tile that fits."""
+    from hf_efficient_attn.kernels.softmax import triton_decode as dec
+    from hf_efficient_attn.kernels.softmax import triton_flash as fl
+    monkeypatch.delenv("HFA_TRITON_AUTOTUNE", raising=False)
+    for space, default, streamed in ((fl._FWD_SPACE, fl._fwd_default, "BLOCK_N"),
+                                     (fl._DKDV_SPACE, fl._dkdv_default, "BLOCK_M"),
+                                     (fl._DQ_SPACE, fl._dq_default, "BLOCK_N"),
+                                     (dec._SPLIT_SPACE, dec._split_default, "BLOCK_N")):
+        grid = fl._space(space)
+        for d in (16, 32, 64, 128, 256):
+            for precision in ("tf32", "ieee"):
+                args = {"D_PAD": d, "DV_PAD": d, "PRECISION": precision}
+                (chosen,) = fl._tile_pruner(default, streamed)(grid, args)
+                meta, warps, stages = default(d, precision == "ieee")
+                assert (chosen.kwargs, chosen.num_warps, chosen.num_stages) == (meta, warps, stages)
+                monkeypatch.setenv("HFA_TRITON_AUTOTUNE", "1")
+                tuned = fl._tile_pruner(default, streamed)(grid, args)
+                assert chosen in tuned and 1 < len(tuned) <= len(grid)
+                monkeypatch.delenv("HFA_TRITON_AUTOTUNE")

@@ -26,9 +26,10 @@ import triton.language as tl
 from .reference import check_attention_inputs
 from .triton_flash import (
     MAX_HEAD_DIM,
+    _configs,
     _dot_flags,
     _fwd_inner,
-    _interpreting,
+    _tile_pruner,
     _kpm_arg,
     _last_dim_contiguous,
     _pad_dim,
@@ -46,27 +47,22 @@ MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost (the q load, the par
 # Kernels
 # ----------------------------------------------------------------------------------------------
 
-def _split_configs():
-    if _interpreting():
-        return [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+_SPLIT_SPACE = dict(BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
 
 
-def _prune_split(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    d = max(args["D_PAD"], args["DV_PAD"])
-    big = d > 128 or args["PRECISION"] == "ieee"
-    kept = [c for c in configs if not (big and (c.kwargs["BLOCK_N"] > 64 or c.num_stages > 3))]
-    return kept or configs[:1]
+def _split_default(d, fp32):
+    # memory-bound: enough K/V bytes in flight per SM matter more than the tile shape
+    if fp32 or d > 128:
+        return dict(BLOCK_N=32), 4, 2
+    return dict(BLOCK_N=64), 4, 4
 
 
 @triton.heuristics({
     "HAS_KPM": lambda a: a["KPM"] is not None,
     "IS_VARLEN": lambda a: a["CU_Q"] is not None,
 })
-@triton.autotune(configs=_split_configs(), key=["D_PAD", "DV_PAD", "BLOCK_M", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_split})
+@triton.autotune(configs=_configs(_SPLIT_SPACE, dict(BLOCK_N=64)), key=["D_PAD", "DV_PAD", "BLOCK_M", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _tile_pruner(_split_default)})
 @triton.jit
 def _decode_split_kernel(Q, K, V, KPM, CU_Q, CU_K, O_PART, LSE_PART,
                          s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_mb,

@@ -140,6 +140,76 @@ def _q_stages(n0, off, L_q, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 # ----------------------------------------------------------------------------------------------
+# Tile configurations
+# ----------------------------------------------------------------------------------------------
+# Each kernel has a grid of candidate tiles and a default per (padded head dim, fp32 or not). The
+# defaults are what runs; HFA_TRITON_AUTOTUNE=1 benchmarks every candidate that fits instead (slow
+# the first time each shape family is seen: every candidate compiles). The interpreter has one tile.
+
+def _autotuning() -> bool:
+    return os.environ.get("HFA_TRITON_AUTOTUNE", "0") == "1"
+
+
+def _space(space):
+    """Every triton.Config of a {meta-parameter: values} grid (with "num_warps"/"num_stages")."""
+    names = [n for n in space if n not in ("num_warps", "num_stages")]
+    configs = [dict()]
+    for n in names:
+        configs = [dict(c, **{n: x}) for c in configs for x in space[n]]
+    return [triton.Config(c, num_warps=w, num_stages=st) for c in configs
+            for w in space["num_warps"] for st in space["num_stages"]]
+
+
+def _configs(space, interpret_tile):
+    if _interpreting():
+        return [triton.Config(interpret_tile, num_warps=4, num_stages=1)]
+    return _space(space)
+
+
+def _tile_pruner(default, streamed="BLOCK_N"):
+    """early_config_prune keeping the default tile for this head dim and dtype, or, when autotuning, every
+    tile whose shared memory fits (plus the default). default(d_pad, fp32) -> (meta, num_warps, num_stages);
+    streamed: the tile loaded num_stages times per step (K/V blocks, or Q/dO blocks in the dK/dV kernel)."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        d, fp32 = max(args["D_PAD"], args["DV_PAD"]), args["PRECISION"] == "ieee"
+        meta, warps, stages = default(d, fp32)
+        chosen = [c for c in configs if c.kwargs == meta and (c.num_warps, c.num_stages) == (warps, stages)]
+        if not _autotuning():
+            return chosen or configs[:1]
+        resident = "BLOCK_M" if streamed == "BLOCK_N" else "BLOCK_N"
+
+        def smem(c):  # the resident tile plus num_stages pairs of streamed tiles, in bytes
+            return (4 if fp32 else 2) * d * (c.kwargs.get(resident, 16) + c.num_stages * 2 * c.kwargs[streamed])
+        return [c for c in configs if smem(c) <= 200 * 1024 and c not in chosen] + chosen or configs[:1]
+    return prune
+
+
+_FWD_SPACE = dict(BLOCK_M=(64, 128), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
+_DKDV_SPACE = dict(BLOCK_M=(16, 32, 64), BLOCK_N=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
+_DQ_SPACE = dict(BLOCK_M=(64, 128), BLOCK_N=(16, 32, 64), num_warps=(4, 8), num_stages=(2, 3, 4))
+
+
+def _fwd_default(d, fp32):
+    if fp32 or d > 128:
+        return dict(BLOCK_M=64, BLOCK_N=32), 4, 2
+    return dict(BLOCK_M=128, BLOCK_N=64), (4 if d <= 64 else 8), 3
+
+
+def _dkdv_default(d, fp32):
+    # BLOCK_N keys per program (their dK, dV accumulate in registers), BLOCK_M query rows per step
+    if fp32 or d > 128:
+        return dict(BLOCK_M=16, BLOCK_N=64), 4, 2
+    return dict(BLOCK_M=32, BLOCK_N=128), (4 if d <= 64 else 8), 3
+
+
+def _dq_default(d, fp32):
+    if fp32 or d > 128:
+        return dict(BLOCK_M=64, BLOCK_N=16), 4, 2
+    return dict(BLOCK_M=128, BLOCK_N=32), (4 if d <= 64 else 8), 3
+
+
+# ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
 
@@ -183,38 +253,14 @@ def _fwd_inner(acc, l_i, m_i, b_q, p_k, p_v, p_kpm, pos_q, lo, hi, L_k, W, s_kn,
     return acc, l_i, m_i
 
 
-def _fwd_configs():
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
-
-
-def _prune_by_tile(configs, named_args, **kwargs):
-    """Drop tiles whose fp32 accumulators and K/V stages cannot fit on one SM for this head dim."""
-    args = {**named_args, **kwargs}
-    d = max(args["D_PAD"], args["DV_PAD"])
-    fp32 = args["PRECISION"] == "ieee"
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if d > 128 and (bm * bn > 64 * 64 or c.num_stages > 2):
-            continue
-        if fp32 and (bm * bn > 64 * 64 or c.num_stages > 2):
-            continue
-        if d <= 64 and bm == 128 and c.num_warps == 4 and bn == 128:
-            continue
-        kept.append(c)
-    return kept or configs[:1]
-
-
 @triton.heuristics({
     "HAS_KPM": lambda a: a["KPM"] is not None,
     "HAS_SINKS": lambda a: a["SINKS"] is not None,
     "IS_VARLEN": lambda a: a["CU_Q"] is not None,
 })
-@triton.autotune(configs=_fwd_configs(), key=["D_PAD", "DV_PAD", "CAUSAL", "HAS_WINDOW", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_by_tile})
+@triton.autotune(configs=_configs(_FWD_SPACE, dict(BLOCK_M=64, BLOCK_N=64)),
+                 key=["D_PAD", "DV_PAD", "CAUSAL", "HAS_WINDOW", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _tile_pruner(_fwd_default)})
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, KPM, SINKS, CU_Q, CU_K,
                 s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os, s_lb, s_lh, s_mb,
@@ -366,19 +412,13 @@ def _bwd_dkdv_inner(acc_dk, acc_dv, b_k, b_v, b_kpm, p_q, p_do, p_lse, p_delta, 
     return acc_dk, acc_dv
 
 
-def _bwd_configs():
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn in ((32, 64), (64, 64), (32, 128), (64, 128)) for w in (4, 8) for s in (2, 3)]
-
-
 @triton.heuristics({
     "HAS_KPM": lambda a: a["KPM"] is not None,
     "IS_VARLEN": lambda a: a["CU_Q"] is not None,
 })
-@triton.autotune(configs=_bwd_configs(), key=["D_PAD", "DV_PAD", "CAUSAL", "HAS_WINDOW", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_by_tile})
+@triton.autotune(configs=_configs(_DKDV_SPACE, dict(BLOCK_M=64, BLOCK_N=64)),
+                 key=["D_PAD", "DV_PAD", "CAUSAL", "HAS_WINDOW", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _tile_pruner(_dkdv_default, streamed="BLOCK_M")})
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, KPM, CU_Q, CU_K,
                      s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos,
@@ -497,8 +537,9 @@ def _bwd_dq_inner(acc_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, p_kpm, pos_q, lo,
     "HAS_KPM": lambda a: a["KPM"] is not None,
     "IS_VARLEN": lambda a: a["CU_Q"] is not None,
 })
-@triton.autotune(configs=_bwd_configs(), key=["D_PAD", "DV_PAD", "CAUSAL", "HAS_WINDOW", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_by_tile})
+@triton.autotune(configs=_configs(_DQ_SPACE, dict(BLOCK_M=64, BLOCK_N=64)),
+                 key=["D_PAD", "DV_PAD", "CAUSAL", "HAS_WINDOW", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _tile_pruner(_dq_default)})
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K,
                    s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos,
