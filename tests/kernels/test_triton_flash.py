@@ -174,3 +174,60 @@ def test_default_tiles_are_in_their_grids(monkeypatch):
                 tuned = fl._tile_pruner(default, streamed)(grid, args)
                 assert chosen in tuned and 1 < len(tuned) <= len(grid)
                 monkeypatch.delenv("HFA_TRITON_AUTOTUNE")
+
+
+def compile_for_hopper():
+    """Compile every kernel for sm_90 (no GPU needed) with every feature on; the interpreter checks no types.
+
+    Runs in a subprocess without TRITON_INTERPRET (see test_kernels_compile_for_hopper)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hf_efficient_attn.kernels.softmax import triton_decode as dec
+    from hf_efficient_attn.kernels.softmax import triton_flash as fl
+    assert not fl.INTERPRETED
+
+    def jit_fn(kernel):
+        while not isinstance(kernel, triton.runtime.jit.JITFunction):
+            kernel = kernel.fn
+        return kernel
+
+    features = dict(D=80, DV=80, D_PAD=128, DV_PAD=128, CAUSAL=True, HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_KPM=True,
+                    HAS_SINKS=True, IS_VARLEN=True, HAS_DLSE=True, UPCAST=False, PRECISION="tf32", NS_PAD=32)
+    pointers = dict(LSE="*fp32", DELTA="*fp32", DLSE="*fp32", SINKS="*fp32", KPM="*i8", CU_Q="*i32", CU_K="*i32",
+                    O_PART="*fp32", LSE_PART="*fp32")
+    floats = ("qk_scale", "sc_in", "sc_out", "scale")
+    ints = ("H", "G", "H_KV", "S", "S_Q", "S_K", "W", "Q_ROWS", "N_SPLITS")
+    kernels = [(fl._fwd_kernel, fl._fwd_default), (fl._bwd_dkdv_kernel, fl._dkdv_default),
+               (fl._bwd_dq_kernel, fl._dq_default), (dec._decode_split_kernel, dec._split_default),
+               (fl._bwd_preprocess_kernel, lambda d, f: (dict(BLOCK_M=64), 4, 1)),
+               (dec._decode_merge_kernel, lambda d, f: (dict(), 4, 1))]
+    for kernel, default in kernels:
+        fn = jit_fn(kernel)
+        meta, warps, stages = default(128, False)
+        constexprs = {**features, "BLOCK_M": 16, **meta}
+        constexprs = {n: v for n, v in constexprs.items() if n in fn.arg_names}
+        signature = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in floats else
+                                                                           "*bf16" if n.isupper() and n not in ints
+                                                                           else "i32")
+                     for n in fn.arg_names}
+        src = ASTSource(fn=fn, signature=signature,
+                        constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile every kernel for real")
+def test_kernels_compile_for_hopper():
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.run([sys.executable, "-c", "from tests.kernels.test_triton_flash import compile_for_hopper; "
+                          "compile_for_hopper()"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    if "ptxas" in run.stderr and "not found" in run.stderr:
+        pytest.skip("this triton has no ptxas to compile for sm_90")
+    assert run.returncode == 0, run.stderr[-3000:]
