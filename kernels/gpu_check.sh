@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU check of the Triton softmax kernels, in one command (installs nothing):
+#   1. the kernel tests on CUDA: pytest -m "triton_interpret or gpu" tests/kernels
+#   2. the benchmarks: kernels/bench_attention.py --quick (Triton vs torch SDPA, flash-attn if installed)
+# Logs and JSON go to $OUT (default ./out); the short table is printed last. Sized to finish in
+# under 8 minutes on one H100 (each step has its own time limit, so a hang cannot eat the budget).
+#   OUT=/tmp/out bash kernels/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./out}"
+mkdir -p "$OUT"
+unset TRITON_INTERPRET  # real GPU kernels
+export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"  # silences a triton>=3.9 warning; no effect before
+start=$SECONDS
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__)"
+  python -c "import flash_attn; print('flash-attn', flash_attn.__version__)" 2>/dev/null || echo "flash-attn not installed"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+echo "== tests (limit 300 s) =="
+timeout 300 python -m pytest -q -m "triton_interpret or gpu" tests/kernels -p no:cacheprovider \
+  --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+tests_rc=$?
+tail -n 15 "$OUT/tests.log"
+
+echo "== benchmark (limit 240 s) =="
+timeout 240 python kernels/bench_attention.py --quick --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+bench_rc=$?
+
+echo
+echo "== summary after $((SECONDS - start)) s: tests rc=$tests_rc, benchmark rc=$bench_rc =="
+grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 1
+if [ "$bench_rc" -eq 0 ]; then
+  grep -E "^(#|\|)" "$OUT/bench.log"
+else
+  tail -n 30 "$OUT/bench.log"
+fi
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
