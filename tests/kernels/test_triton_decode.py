@@ -54,8 +54,9 @@ CASES = {
                                                     num_splits=3)),
     "q4-full-window": (torch.float32, dict(Sq=4, window=30, Hq=3, Hkv=1)),
     "q4-padding-fp16": (torch.float16, dict(B=2, Sq=4, causal=True, kpm_fill=_kpm_with_empty_row)),
-    "varlen-causal-window": (torch.float32, dict(Hq=6, Hkv=2, Sq=9, Skv=400, causal=True, window=30,
-                                                 packed=([0, 1, 5, 5, 9], [0, 50, 300, 301, 400]))),
+    "varlen-causal-window-padding": (torch.float32, dict(Hq=6, Hkv=2, Sq=9, Skv=400, causal=True, window=30,
+                                                         kpm_fill=lambda m: m,
+                                                         packed=([0, 1, 5, 5, 9], [0, 50, 300, 301, 400]))),
     "q16-gqa8-two-m-tiles": (torch.float32, dict(Hq=16, Hkv=2, Sq=16, Skv=40, causal=True)),
     "q1-d256-dv48": (torch.float32, dict(D=256, Dv=48, Skv=130, num_splits=2)),
 }
