@@ -223,11 +223,14 @@ def _fwd_inner(acc, l_i, m_i, b_q, p_k, p_v, p_kpm, pos_q, lo, hi, L_k, W, s_kn,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
+    # block pointers advance in 64 bits: row * stride can pass 2^31 in long sequences
+    p_kn = p_k + lo.to(tl.int64) * s_kn
+    p_vn = p_v + lo.to(tl.int64) * s_vn
     for n0 in range(lo, hi, BLOCK_N):
         o_n = n0 + offs_n
         m_n = o_n < L_k
         # -- s = q k^T in base 2
-        b_k = tl.load(p_k + o_n[:, None] * s_kn + offs_d[None, :], mask=m_n[:, None] & (offs_d[None, :] < D),
+        b_k = tl.load(p_kn + offs_n[:, None] * s_kn + offs_d[None, :], mask=m_n[:, None] & (offs_d[None, :] < D),
                       other=0.0)
         b_s = _dot(b_q, tl.trans(b_k), None, UPCAST, PRECISION)
         if HAS_SOFTCAP:
@@ -246,10 +249,12 @@ def _fwd_inner(acc, l_i, m_i, b_q, p_k, p_v, p_kpm, pos_q, lo, hi, L_k, W, s_kn,
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(b_p, 1)
         # -- update the output accumulator
-        b_v = tl.load(p_v + o_n[:, None] * s_vn + offs_dv[None, :], mask=m_n[:, None] & (offs_dv[None, :] < DV),
+        b_v = tl.load(p_vn + offs_n[:, None] * s_vn + offs_dv[None, :], mask=m_n[:, None] & (offs_dv[None, :] < DV),
                       other=0.0)
         acc = _dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], UPCAST, PRECISION)
         m_i = m_new
+        p_kn += BLOCK_N * s_kn
+        p_vn += BLOCK_N * s_vn
     return acc, l_i, m_i
 
 
@@ -294,18 +299,20 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, SINKS, CU_Q, CU_K,
         return
     off = L_k - L_q  # bottom-right alignment: query i sits at position i + off
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = m0 + offs_r
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     m_m = offs_m < L_q
     pos_q = offs_m + off
-    p_q = Q + i_b * s_qb + i_h * s_qh + bos_q * s_qs
+    row0 = (bos_q + m0).to(tl.int64)  # first row of the block in 64 bits
+    p_q = Q + i_b * s_qb + i_h * s_qh + row0 * s_qs
     p_k = K + i_b * s_kb + i_hk * s_kh + bos_k * s_ks
     p_v = V + i_b * s_vb + i_hk * s_vh + bos_k * s_vs
     p_kpm = KPM
     if HAS_KPM:
         p_kpm = KPM + i_b * s_mb + bos_k
-    b_q = tl.load(p_q + offs_m[:, None] * s_qs + offs_d[None, :], mask=m_m[:, None] & (offs_d[None, :] < D),
+    b_q = tl.load(p_q + offs_r[:, None] * s_qs + offs_d[None, :], mask=m_m[:, None] & (offs_d[None, :] < D),
                   other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -337,8 +344,8 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, SINKS, CU_Q, CU_K,
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     b_o = acc / l_safe[:, None]
     b_lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # ln 2
-    p_o = O + i_b * s_ob + i_h * s_oh + bos_q * s_os
-    tl.store(p_o + offs_m[:, None] * s_os + offs_dv[None, :], b_o.to(O.dtype.element_ty),
+    p_o = O + i_b * s_ob + i_h * s_oh + row0 * s_os
+    tl.store(p_o + offs_r[:, None] * s_os + offs_dv[None, :], b_o.to(O.dtype.element_ty),
              mask=m_m[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + i_b * s_lb + i_h * s_lh + bos_q + offs_m, b_lse, mask=m_m)
 
@@ -355,12 +362,16 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, s_ob, s_oh, s_os, s_db, s_dh, s_d
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
-    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = i_m * BLOCK_M + offs_r
     offs_dv = tl.arange(0, DV_PAD)
     m_m = offs_m < S
     m_t = m_m[:, None] & (offs_dv[None, :] < DV)
-    b_o = tl.load(O + i_b * s_ob + i_h * s_oh + offs_m[:, None] * s_os + offs_dv[None, :], mask=m_t, other=0.0)
-    b_do = tl.load(DO + i_b * s_db + i_h * s_dh + offs_m[:, None] * s_ds + offs_dv[None, :], mask=m_t, other=0.0)
+    row0 = (i_m * BLOCK_M).to(tl.int64)
+    b_o = tl.load(O + i_b * s_ob + i_h * s_oh + row0 * s_os + offs_r[:, None] * s_os + offs_dv[None, :], mask=m_t,
+                  other=0.0)
+    b_do = tl.load(DO + i_b * s_db + i_h * s_dh + row0 * s_ds + offs_r[:, None] * s_ds + offs_dv[None, :], mask=m_t,
+                   other=0.0)
     b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
     if HAS_DLSE:
         b_delta -= tl.load(DLSE + i_bh * S + offs_m, mask=m_m, other=0.0)
@@ -378,13 +389,15 @@ def _bwd_dkdv_inner(acc_dk, acc_dv, b_k, b_v, b_kpm, p_q, p_do, p_lse, p_delta, 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
+    p_qm = p_q + lo.to(tl.int64) * s_qs
+    p_dom = p_do + lo.to(tl.int64) * s_dos
     for m0 in range(lo, hi, BLOCK_M):
         o_m = m0 + offs_m
         m_m = o_m < L_q
-        b_q = tl.load(p_q + o_m[:, None] * s_qs + offs_d[None, :], mask=m_m[:, None] & (offs_d[None, :] < D),
+        b_q = tl.load(p_qm + offs_m[:, None] * s_qs + offs_d[None, :], mask=m_m[:, None] & (offs_d[None, :] < D),
                       other=0.0)
-        b_do = tl.load(p_do + o_m[:, None] * s_dos + offs_dv[None, :], mask=m_m[:, None] & (offs_dv[None, :] < DV),
-                       other=0.0)
+        b_do = tl.load(p_dom + offs_m[:, None] * s_dos + offs_dv[None, :],
+                       mask=m_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
         # rows that saw nothing (lse = -inf) and rows past the end get p = 0 through lse = +inf
         b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("-inf"))
         b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.44269504)  # 1/ln 2
@@ -409,6 +422,8 @@ def _bwd_dkdv_inner(acc_dk, acc_dv, b_k, b_v, b_kpm, p_q, p_do, p_lse, p_delta, 
         if HAS_SOFTCAP:
             b_dsT = b_dsT * (1.0 - b_tT * b_tT)
         acc_dk = _dot(b_dsT.to(b_q.dtype), b_q, acc_dk, UPCAST, PRECISION)
+        p_qm += BLOCK_M * s_qs
+        p_dom += BLOCK_M * s_dos
     return acc_dk, acc_dv
 
 
@@ -449,15 +464,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, KPM, CU_Q, CU_K,
         return
     off = L_k - L_q
 
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_N)
+    offs_n = n0 + offs_r
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     m_n = offs_n < L_k
     m_kd = m_n[:, None] & (offs_d[None, :] < D)
     m_vd = m_n[:, None] & (offs_dv[None, :] < DV)
-    b_k = tl.load(K + i_b * s_kb + i_hk * s_kh + (bos_k + offs_n[:, None]) * s_ks + offs_d[None, :], mask=m_kd,
+    row0 = (bos_k + n0).to(tl.int64)
+    b_k = tl.load(K + i_b * s_kb + i_hk * s_kh + row0 * s_ks + offs_r[:, None] * s_ks + offs_d[None, :], mask=m_kd,
                   other=0.0)
-    b_v = tl.load(V + i_b * s_vb + i_hk * s_vh + (bos_k + offs_n[:, None]) * s_vs + offs_dv[None, :], mask=m_vd,
+    b_v = tl.load(V + i_b * s_vb + i_hk * s_vh + row0 * s_vs + offs_r[:, None] * s_vs + offs_dv[None, :], mask=m_vd,
                   other=0.0)
     b_kpm = offs_n < L_k
     if HAS_KPM:
@@ -488,8 +505,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, KPM, CU_Q, CU_K,
                                          full_hi, hi, L_q, L_k, off, W, s_qs, s_dos, qk_scale, sc_in, sc_out,
                                          True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM,
                                          D, DV, D_PAD, DV_PAD, BLOCK_M, UPCAST, PRECISION)
-    p_dk = DK + i_b * s_dkb + i_hk * s_dkh + (bos_k + offs_n[:, None]) * s_dks + offs_d[None, :]
-    p_dv = DV_OUT + i_b * s_dvb + i_hk * s_dvh + (bos_k + offs_n[:, None]) * s_dvs + offs_dv[None, :]
+    p_dk = DK + i_b * s_dkb + i_hk * s_dkh + row0 * s_dks + offs_r[:, None] * s_dks + offs_d[None, :]
+    p_dv = DV_OUT + i_b * s_dvb + i_hk * s_dvh + row0 * s_dvs + offs_r[:, None] * s_dvs + offs_dv[None, :]
     tl.store(p_dk, (acc_dk * scale).to(DK.dtype.element_ty), mask=m_kd)
     tl.store(p_dv, acc_dv.to(DV_OUT.dtype.element_ty), mask=m_vd)
 
@@ -504,12 +521,14 @@ def _bwd_dq_inner(acc_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, p_kpm, pos_q, lo,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
+    p_kn = p_k + lo.to(tl.int64) * s_kn
+    p_vn = p_v + lo.to(tl.int64) * s_vn
     for n0 in range(lo, hi, BLOCK_N):
         o_n = n0 + offs_n
         m_n = o_n < L_k
-        b_k = tl.load(p_k + o_n[:, None] * s_kn + offs_d[None, :], mask=m_n[:, None] & (offs_d[None, :] < D),
+        b_k = tl.load(p_kn + offs_n[:, None] * s_kn + offs_d[None, :], mask=m_n[:, None] & (offs_d[None, :] < D),
                       other=0.0)
-        b_v = tl.load(p_v + o_n[:, None] * s_vn + offs_dv[None, :], mask=m_n[:, None] & (offs_dv[None, :] < DV),
+        b_v = tl.load(p_vn + offs_n[:, None] * s_vn + offs_dv[None, :], mask=m_n[:, None] & (offs_dv[None, :] < DV),
                       other=0.0)
         # -- p = exp2(s - lse)
         b_s = _dot(b_q, tl.trans(b_k), None, UPCAST, PRECISION)
@@ -530,6 +549,8 @@ def _bwd_dq_inner(acc_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, p_kpm, pos_q, lo,
         if HAS_SOFTCAP:
             b_ds = b_ds * (1.0 - b_t * b_t)
         acc_dq = _dot(b_ds.to(b_k.dtype), b_k, acc_dq, UPCAST, PRECISION)
+        p_kn += BLOCK_N * s_kn
+        p_vn += BLOCK_N * s_vn
     return acc_dq
 
 
@@ -573,14 +594,16 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K,
         return
     off = L_k - L_q
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = m0 + offs_r
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     m_m = offs_m < L_q
     m_qd = m_m[:, None] & (offs_d[None, :] < D)
-    b_q = tl.load(Q + i_b * s_qb + i_h * s_qh + (bos_q + offs_m[:, None]) * s_qs + offs_d[None, :], mask=m_qd,
+    row0 = (bos_q + m0).to(tl.int64)
+    b_q = tl.load(Q + i_b * s_qb + i_h * s_qh + row0 * s_qs + offs_r[:, None] * s_qs + offs_d[None, :], mask=m_qd,
                   other=0.0)
-    b_do = tl.load(DO + i_b * s_dob + i_h * s_doh + (bos_q + offs_m[:, None]) * s_dos + offs_dv[None, :],
+    b_do = tl.load(DO + i_b * s_dob + i_h * s_doh + row0 * s_dos + offs_r[:, None] * s_dos + offs_dv[None, :],
                    mask=m_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
     b_lse = tl.load(LSE + i_b * s_lb + i_h * s_lh + bos_q + offs_m, mask=m_m, other=float("-inf"))
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.44269504)  # 1/ln 2; empty rows get p = 0
@@ -603,7 +626,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K,
     acc_dq = _bwd_dq_inner(acc_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, p_kpm, pos_q, full_hi, hi, L_k, W,
                            s_ks, s_vs, qk_scale, sc_in, sc_out, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM,
                            D, DV, D_PAD, DV_PAD, BLOCK_N, UPCAST, PRECISION)
-    p_dq = DQ + i_b * s_dqb + i_h * s_dqh + (bos_q + offs_m[:, None]) * s_dqs + offs_d[None, :]
+    p_dq = DQ + i_b * s_dqb + i_h * s_dqh + row0 * s_dqs + offs_r[:, None] * s_dqs + offs_d[None, :]
     tl.store(p_dq, (acc_dq * scale).to(DQ.dtype.element_ty), mask=m_qd)
 
 
