@@ -266,13 +266,19 @@ def load_text(data=None, split: str | None = None, text_column: str | None = Non
             raise FileNotFoundError(f"no file or folder at {path}")
         return _check_not_empty(_load_path(path, split))
     if isinstance(data, str):
+        if not data.strip():
+            return _check_not_empty(TextData("text", (data,)))  # never a path: Path("") is the current folder
         if data in BUNDLED_CORPORA or data == "bundled":
             return _check_not_empty(_load_bundled(_DEFAULT_CORPUS if data == "bundled" else data, split))
         if data.startswith("datasets:") or data in _DATASET_SHORTHANDS:
             return _check_not_empty(_load_dataset_name(data, split, text_column))
         if len(data) < 4096 and "\n" not in data:
             path = Path(data).expanduser()
-            if path.exists():
+            try:
+                is_path = path.exists()
+            except OSError:  # e.g. a name too long to be a file: it is text
+                is_path = False
+            if is_path:
                 return _check_not_empty(_load_path(path, split))
             if _PATHLIKE.match(data):
                 raise FileNotFoundError(

@@ -159,9 +159,9 @@ def windows(num_tokens: int, window: int, stride: int | None, bos: bool) -> list
     prev_end = 0
     for start in range(0, num_tokens, stride):
         end = min(start + window, num_tokens)
-        scored = end - prev_end
-        if start == 0 and not bos:
-            scored -= 1  # the very first token has no context
+        # score what no earlier window scored; without BOS a window's first token has no context, so
+        # it is never scored here (only when stride == window, where this equals disjoint windows)
+        scored = min(end - prev_end, end - start - (0 if bos else 1))
         if scored > 0:
             out.append((start, end, scored))
         prev_end = end

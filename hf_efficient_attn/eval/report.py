@@ -92,15 +92,17 @@ def evaluate_model(model, tokenizer, data=None, *, name: str | None = None, cont
 
 
 def _fill_deltas(reports: list[ModelReport]) -> list[ModelReport]:
-    """Δppl against the first model, only between models scored on the same token stream."""
+    """Δppl against the first model, only between models scored on the same tokens the same way."""
     if not reports:
         return reports
+    keys = ("token_stream_sha256", "bos_per_window", "context_length", "stride")
     base = reports[0]
     for r in reports:
-        same = r.protocol.get("token_stream_sha256") == base.protocol.get("token_stream_sha256")
+        same = all(r.protocol.get(k) == base.protocol.get(k) for k in keys)
         r.delta_ppl = r.ppl - base.ppl if same else None
-        if not same and "different tokens" not in r.note:
-            r.note = (r.note + "; " if r.note else "") + "different tokens than the first model: ppl not comparable"
+        if not same and "not comparable" not in r.note:
+            r.note = (r.note + "; " if r.note else "") + ("scored on other tokens than the first model (another "
+                                                          "tokenizer or BOS handling): ppl not comparable")
     return reports
 
 

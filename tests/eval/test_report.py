@@ -1,0 +1,88 @@
+"""The comparison report and the `hfa eval` command, on tiny local models."""
+
+import json
+
+import pytest
+
+from hf_efficient_attn.cli import main
+from hf_efficient_attn.eval import evaluate_models, format_table, to_markdown, write_report
+
+from .tiny import TEXT, byte_tokenizer, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def reports():
+    tok = byte_tokenizer()
+    entries = [("base", tiny_llama(seed=0), tok), ("fewer-kv", tiny_llama(seed=1, kv_heads=1), tok),
+               ("other-tokenizer", tiny_llama(seed=2), byte_tokenizer(bos=True))]
+    return evaluate_models(entries, [TEXT, TEXT.upper()], context_length=64, stride=32,
+                           speed_contexts=(8, 16), decode_tokens=2, progress=False)
+
+
+def test_rows_and_deltas(reports):
+    base, fewer, other = reports
+    assert [r.model for r in reports] == ["base", "fewer-kv", "other-tokenizer"]
+    assert base.delta_ppl == 0 and fewer.delta_ppl == pytest.approx(fewer.ppl - base.ppl)
+    assert other.delta_ppl is None and "not comparable" in other.note  # other tokens: no Δ
+    assert base.kv_bytes_per_token == 2 * 2 * 2 * 8 * 4 and fewer.kv_bytes_per_token == base.kv_bytes_per_token / 2
+    assert base.kv_tokens == 64 and [p["context"] for p in base.speed] == [8, 16]
+    assert base.decode_tok_s() == base.speed[1]["decode_tok_s"]  # the largest context <= eval context
+    assert base.params > fewer.params
+    assert base.protocol["data"] == "list[2]" and base.protocol["stride"] == 32
+
+
+def test_table_and_markdown(reports):
+    table = format_table(reports)
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["model", "ppl", "Δppl"] and "KV bytes/token @64" in lines[0]
+    assert lines[2].startswith("base") and "—" in lines[2] and "n/a" in lines[4]
+    assert f"{reports[1].delta_ppl:+.3f}" in lines[3] and f"{reports[0].ppl:.3f}" in lines[2]
+    assert "protocol: data list[2]" in table and "stride 32" in table
+    md = to_markdown(reports)
+    assert md.startswith("| model | ppl | Δppl |") and "| base |" in md and "Decode speed" in md
+
+
+def test_write_report(reports, tmp_path):
+    files = write_report(reports, tmp_path / "out")
+    payload = json.loads(files["json"].read_text())
+    assert [m["model"] for m in payload["models"]] == ["base", "fewer-kv", "other-tokenizer"]
+    assert payload["models"][1]["kv_bytes_per_token"] == reports[1].kv_bytes_per_token
+    assert payload["models"][0]["protocol"]["context_length"] == 64
+    assert files["markdown"].read_text() == to_markdown(reports)
+    pytest.importorskip("matplotlib")
+    assert sorted(p.name for p in files["plots"]) == ["decode_speed.png", "ppl_vs_kv_bytes.png"]
+    assert all(p.stat().st_size > 1000 for p in files["plots"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["report.json", "report.md", "decode_speed.png", "ppl_vs_kv_bytes.png"])  # no temp files left
+
+
+def _save(path, seed, kv_heads=2):
+    tiny_llama(seed=seed, kv_heads=kv_heads).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_cli_eval(tmp_path, capsys):
+    a, b = _save(tmp_path / "a", 0), _save(tmp_path / "b", 1, kv_heads=1)
+    (tmp_path / "text.txt").write_text(TEXT * 2)
+    rc = main(["eval", a, b, "--data", str(tmp_path / "text.txt"), "--context", "64", "--stride", "32",
+               "--max-tokens", "300", "--speed-contexts", "8,16", "--decode-tokens", "2", "--out",
+               str(tmp_path / "rep"), "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Δppl" in out and a in out and b in out and "299 scored tokens" in out and "stride 32" in out
+    payload = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert payload["models"][1]["kv_bytes_per_token"] == payload["models"][0]["kv_bytes_per_token"] / 2
+    assert (tmp_path / "rep" / "report.md").exists()
+
+
+def test_cli_eval_errors_are_one_clear_line(tmp_path, capsys):
+    a = _save(tmp_path / "a", 0)
+    rc = main(["eval", a, "--data", TEXT, "--context", "16", "--stride", "17", "--no-speed", "--out",
+               str(tmp_path / "rep"), "--quiet"])
+    err = capsys.readouterr().err.splitlines()[-1]  # (earlier lines: progress bars of save_pretrained)
+    assert rc == 2 and err.startswith("hfa eval: error: stride 17 is larger than")
+    rc = main(["eval", str(tmp_path / "missing"), "--out", str(tmp_path / "rep"), "--quiet"])
+    assert rc == 2 and "no model at" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", a, "--speed-contexts", "8,x"])
