@@ -104,6 +104,28 @@ def test_rows_that_see_nothing_give_zero_and_minus_inf():
     assert torch.isfinite(lse[:, :, 67:]).all()
 
 
+def test_empty_query_or_key_sets():
+    """No keys: every row sees only the sink (or nothing); no queries: empty outputs and zero dK/dV."""
+    from hf_efficient_attn.kernels.softmax import softmax_attention_naive
+    q, k, v = _inputs(1, 2, 1, 5, 0, 16, 16, torch.float32)
+    sinks = torch.randn(2, device=DEVICE)
+    leaves = [t.requires_grad_() for t in (q, k, v, sinks)]
+    out, lse = flash_attention(*leaves[:3], sinks=leaves[3], causal=True)
+    ref_out, ref_lse = softmax_attention_naive(*leaves[:3], sinks=leaves[3], causal=True)
+    assert (out == 0).all() and torch.allclose(lse, ref_lse)
+    d_lse = torch.randn_like(lse)
+    grads = torch.autograd.grad((lse * d_lse).sum() + out.sum(), leaves)
+    ref_grads = torch.autograd.grad((ref_lse * d_lse).sum() + ref_out.sum(), leaves)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg)
+    q, k, v = _inputs(1, 2, 1, 0, 7, 16, 16, torch.float32)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out, lse = flash_attention(*leaves)
+    assert out.shape == (1, 2, 0, 16) and lse.shape == (1, 2, 0)
+    dq, dk, dv = torch.autograd.grad(out.sum() + lse.sum(), leaves)
+    assert dq.shape == q.shape and (dk == 0).all() and (dv == 0).all()
+
+
 def test_no_grad_path_and_memory_layout():
     q, k, v = _inputs(1, 4, 2, 63, 63, 64, 64, torch.float16)
     with torch.no_grad():

@@ -695,6 +695,18 @@ def _flash_fwd(q, k, v, *, scale, causal, window, softcap, key_padding_mask, sin
     return out, lse
 
 
+def _sinks_grad(sinks, lse, delta):
+    """d sink_h = -sum over rows of exp(sink_h - lse) * delta, delta = rowsum(dO * O) - dlse.
+
+    The sink's probability p_s = exp(sink - lse) enters every p_j = exp(s_j - lse) through lse:
+    d p_j / d sink = -p_j p_s, so dL/dsink = -p_s sum_j p_j (dO . v_j) + dlse p_s = -p_s (rowsum(dO * O) - dlse).
+    """
+    if sinks is None:
+        return None
+    p_sink = torch.exp(sinks.float().view(1, -1, 1) - lse)
+    return -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
+
+
 def _flash_bwd(do, dlse, q, k, v, out, lse, *, scale, causal, window, softcap, key_padding_mask, sinks,
                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     B, Hq, Sq, D = q.shape
@@ -706,6 +718,9 @@ def _flash_bwd(do, dlse, q, k, v, out, lse, *, scale, causal, window, softcap, k
     delta = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     if dlse is not None:
         dlse = dlse.float().contiguous()
+    if Sq == 0 or Skv == 0:  # no (query, key) pair: dq, dk, dv are zero (or empty); lse is the sink alone
+        delta = (out.float() * do.float()).sum(-1) - (0 if dlse is None else dlse)
+        return dq.zero_(), dk.zero_(), dv.zero_(), _sinks_grad(sinks, lse, delta)
     # -- delta = rowsum(dO * O) - dlse
     BLOCK_PRE = 64
     _bwd_preprocess_kernel[(triton.cdiv(Sq, BLOCK_PRE), B * Hq)](
@@ -737,13 +752,7 @@ def _flash_bwd(do, dlse, q, k, v, out, lse, *, scale, causal, window, softcap, k
         dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1), s_mb,
         Hq, Hq // Hkv, Sq, Skv, int(window or 0), scale, qk_scale, sc_in, sc_out, **common,
     )
-    # -- d sink_h = sum over rows of dL/dlse_row * dlse_row/dsink_h = -sum exp(sink_h - lse) * delta
-    dsinks = None
-    if sinks is not None:
-        p_sink = torch.exp(sinks.float().view(1, Hq, 1) - lse)
-        dsinks = -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
-    return dq, dk, dv, dsinks
-
+    return dq, dk, dv, _sinks_grad(sinks, lse, delta)
 
 # ----------------------------------------------------------------------------------------------
 # Autograd
