@@ -3,10 +3,32 @@
     import hf_efficient_attn as hfa
     hfa.patch(model)                 # attention on our kernels; hfa.unpatch(model) undoes it
     from_pretrained(..., attn_implementation="hfa")   # also works after this import
-"""
+    res = hfa.perplexity(model, tok, data, context_length=512)
+    hfa.kv_cache_bytes(model, tokens=1024)
 
-from .attention import is_patched, patch, patched, unpatch
+Importing this package registers our attention implementations with transformers. The kernels
+alone (``hf_efficient_attn.kernels``) need only torch and triton: without transformers installed,
+this package still imports and the transformers-facing names raise an ImportError when used.
+"""
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "is_patched", "patch", "patched", "unpatch"]
+_API = {
+    "is_patched": "attention", "patch": "attention", "patched": "attention", "unpatch": "attention",
+    "perplexity": "eval", "kv_cache_bytes": "eval", "load_model": "eval", "load_text": "eval",
+}
+__all__ = ["__version__", *_API]
+
+try:
+    from .attention import is_patched, patch, patched, unpatch  # registers "hfa", "hfa_triton", "hfa_reference"
+    from .eval import kv_cache_bytes, load_model, load_text, perplexity
+except ModuleNotFoundError as _e:
+    if _e.name != "transformers":
+        raise
+    _MISSING = _e
+
+    def __getattr__(name):
+        if name in _API:
+            raise ImportError(f"hf_efficient_attn.{name} needs transformers (>=5.17): "
+                              f"pip install 'transformers>=5.17'") from _MISSING
+        raise AttributeError(f"module 'hf_efficient_attn' has no attribute {name!r}")
