@@ -86,6 +86,7 @@ def _add_demo(sub):
                    help="context lengths for decode speed, comma-separated (default 128,512)")
     p.add_argument("--decode-tokens", type=int, default=16, help="tokens decoded per speed measurement")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens compared by the patch check")
+    p.add_argument("--no-conversions", action="store_true", help="only the base model: patch check and baseline")
     p.add_argument("--out", default="hfa-demo", help="folder for report.json, report.md and plots (default hfa-demo)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -93,7 +94,8 @@ def _add_demo(sub):
         from .eval.report import run_demo
         res = run_demo(max_tokens=args.max_tokens, context_length=args.context, out_dir=args.out,
                        speed_contexts=args.speed_contexts, decode_tokens=args.decode_tokens,
-                       patch_new_tokens=args.new_tokens, progress=not args.quiet)
+                       patch_new_tokens=args.new_tokens, conversions=[] if args.no_conversions else None,
+                       progress=not args.quiet)
         return 0 if res["ok"] else 1
 
     p.set_defaults(func=run)

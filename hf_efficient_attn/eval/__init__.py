@@ -11,12 +11,12 @@ from .cost import SpeedPoint, cache_tensors, kv_cache_bytes, measure_speed, para
 from .data import BUNDLED_CORPORA, SPLITS, TextData, load_text, split_of
 from .models import BUNDLED_MODELS, BundledModel, cache_dir, load_model
 from .perplexity import PerplexityResult, perplexity, tokenize_stream, tokenizer_adds_bos
-from .report import (DEMO_CONVERSIONS, DemoConversion, ModelReport, evaluate_model, evaluate_models,
-                     format_table, run_demo, to_markdown, write_report)
+from .report import (DEMO_CONVERSIONS, DemoConversion, ModelReport, demo_conversions, evaluate_model,
+                     evaluate_models, format_table, run_demo, to_markdown, write_report)
 
 __all__ = [
     "BUNDLED_CORPORA", "BUNDLED_MODELS", "BundledModel", "DEMO_CONVERSIONS", "DemoConversion", "ModelReport",
-    "PerplexityResult", "SPLITS", "SpeedPoint", "TextData", "cache_dir", "cache_tensors", "evaluate_model",
+    "PerplexityResult", "SPLITS", "SpeedPoint", "TextData", "cache_dir", "cache_tensors", "demo_conversions", "evaluate_model",
     "evaluate_models", "format_table", "kv_cache_bytes", "load_model", "load_text", "measure_speed",
     "parameter_count", "perplexity", "run_demo", "split_of", "to_markdown", "tokenize_stream",
     "tokenizer_adds_bos", "write_report",

@@ -3,7 +3,7 @@
 `evaluate_models` measures each model (perplexity, KV-cache bytes from the real cache, decode
 speed at several context lengths, parameters); `format_table` / `to_markdown` print the one table;
 `write_report` writes JSON, Markdown and (with matplotlib) two plots. `run_demo` is the main job of
-`hfa demo`: the bundled SmolLM2, the patch check, every conversion in `DEMO_CONVERSIONS`, one table.
+`hfa demo`: the bundled SmolLM2, the patch check, every conversion of `demo_conversions()`, one table.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .data import TextData, load_text
 from .perplexity import perplexity
 
 __all__ = [
-    "DEMO_CONVERSIONS", "DemoConversion", "ModelReport", "evaluate_model", "evaluate_models", "format_table",
+    "DEMO_CONVERSIONS", "DemoConversion", "ModelReport", "demo_conversions", "evaluate_model", "evaluate_models", "format_table",
     "run_demo", "to_markdown", "write_report",
 ]
 
@@ -148,10 +148,10 @@ def _human(n: float | None, unit: str = "") -> str:
 
 def _rows(reports: list[ModelReport]) -> tuple[list[str], list[list[str]]]:
     kv_tok = {r.kv_tokens for r in reports}
-    ctx = reports[0].protocol.get("context_length") if reports else None
     kv_head = f"KV bytes/token @{kv_tok.pop()}" if len(kv_tok) == 1 else "KV bytes/token"
-    dec_head = f"decode tok/s @{_speed_context(reports)}" if _speed_context(reports) else "decode tok/s"
-    header = ["model", "ppl", "Δppl", kv_head, "decode tok/s" if not ctx else dec_head, "params"]
+    speed_ctx = _speed_context(reports)
+    dec_head = f"decode tok/s @{speed_ctx}" if speed_ctx else "decode tok/s"
+    header = ["model", "ppl", "Δppl", kv_head, dec_head, "params"]
     rows = []
     for i, r in enumerate(reports):
         if r.delta_ppl is None:
@@ -299,7 +299,8 @@ class DemoConversion:
     label: the row name. method/options: ``hfa.convert(model, method, **options, calibration=...,
     tokenizer=...)`` with the calibration split of the bundled corpus. build: instead of `method`, a
     function ``build(model, tokenizer, calibration: TextData, max_tokens: int) -> model`` for recipes
-    that do more than one `convert` call (e.g. convert, then distill).
+    that do more than one `convert` call (e.g. convert, then distill). Either way the base model
+    must come back unmodified: it is the first row of the table.
     """
 
     label: str
@@ -308,9 +309,24 @@ class DemoConversion:
     build: Callable | None = None
 
 
-# Fast default settings, a few minutes on 2 CPU cores in all. One line per conversion, e.g.
+# Conversions the demo runs besides those `hf_efficient_attn.conversions.demo_conversions()` lists
+# (where each conversion method registers its own demo entries). Fast settings only; one line each, e.g.
 #   DemoConversion("gqa kv=1", "gqa", {"num_kv_heads": 1}),
 DEMO_CONVERSIONS: list[DemoConversion] = []
+
+
+def demo_conversions() -> list[DemoConversion]:
+    """Every conversion `hfa demo` runs: `DEMO_CONVERSIONS`, then the entries of
+    ``hf_efficient_attn.conversions.demo_conversions()`` (``[(label, build)]``) where that exists."""
+    steps = list(DEMO_CONVERSIONS)
+    try:
+        from .. import conversions
+    except ImportError:  # an installation without the conversions layer still runs the demo
+        return steps
+    listed = getattr(conversions, "demo_conversions", None)
+    if listed is not None:
+        steps += [DemoConversion(label, build=build) for label, build in listed()]
+    return steps
 
 
 def _run_conversion(step: DemoConversion, model, tokenizer, calibration: TextData, max_tokens: int):
@@ -326,14 +342,15 @@ def _run_conversion(step: DemoConversion, model, tokenizer, calibration: TextDat
 def run_demo(max_tokens: int = 8192, context_length: int = 512, out_dir=None, speed_contexts=(128, 512),
              decode_tokens: int = 16, patch_new_tokens: int = 32, conversions=None, progress: bool = True,
              echo: Callable[[str], None] = print) -> dict:
-    """The main job on the bundled defaults, offline: SmolLM2-135M, the patch check, every conversion in
-    `DEMO_CONVERSIONS`, each evaluated on the held-out split of the bundled corpus; one table.
+    """The main job on the bundled defaults, offline: SmolLM2-135M, the patch check, every conversion of
+    `demo_conversions()` (or the given list; ``[]`` for none), each evaluated on the held-out split of the
+    bundled corpus; one table.
 
     Returns ``{"patch_check": dict, "reports": [ModelReport], "table": str, "files": dict | None, "ok": bool}``.
     """
     from .models import load_model
 
-    conversions = DEMO_CONVERSIONS if conversions is None else conversions
+    conversions = demo_conversions() if conversions is None else conversions
     echo("hfa demo: SmolLM2-135M-Instruct (bundled), held-out split of the bundled Python-docs corpus")
     model, tok = load_model("smollm2-135m")
 

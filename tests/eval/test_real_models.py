@@ -100,7 +100,8 @@ def test_hfa_demo_runs_and_grows_with_conversions(tmp_path, capsys, monkeypatch)
         seen["calibration"] = calibration.name
         return model
 
-    monkeypatch.setattr(report, "DEMO_CONVERSIONS", [report.DemoConversion("identity", build=identity)])
+    # the real conversions take minutes; their own tests cover them
+    monkeypatch.setattr(report, "demo_conversions", lambda: [report.DemoConversion("identity", build=identity)])
     rc = main(["demo", "--max-tokens", "256", "--context", "128", "--speed-contexts", "16", "--decode-tokens", "2",
                "--new-tokens", "4", "--out", str(tmp_path / "demo"), "--quiet"])
     out = capsys.readouterr().out

@@ -86,3 +86,27 @@ def test_cli_eval_errors_are_one_clear_line(tmp_path, capsys):
     assert rc == 2 and "no model at" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", a, "--speed-contexts", "8,x"])
+
+
+def test_demo_conversions_registry(monkeypatch):
+    """`hfa demo` runs DEMO_CONVERSIONS plus whatever the conversions layer lists, one entry each."""
+    import sys
+    import types
+
+    import hf_efficient_attn
+    from hf_efficient_attn.eval import report
+
+    def build(model, tokenizer, calibration, max_tokens=None):
+        return model
+
+    fake = types.ModuleType("hf_efficient_attn.conversions")
+    fake.demo_conversions = lambda: [("gqa kv=1", build), ("mla r=32", build)]
+    monkeypatch.setitem(sys.modules, "hf_efficient_attn.conversions", fake)
+    monkeypatch.setattr(hf_efficient_attn, "conversions", fake, raising=False)
+    monkeypatch.setattr(report, "DEMO_CONVERSIONS", [report.DemoConversion("extra", "gqa", {"num_kv_heads": 1})])
+    steps = report.demo_conversions()
+    assert [s.label for s in steps] == ["extra", "gqa kv=1", "mla r=32"]
+    assert steps[1].build is build and steps[0].method == "gqa"
+
+    del fake.demo_conversions  # a conversions layer without demo entries: only DEMO_CONVERSIONS
+    assert [s.label for s in report.demo_conversions()] == ["extra"]
