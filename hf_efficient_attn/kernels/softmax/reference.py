@@ -31,7 +31,7 @@ Conventions (shared with the Triton kernels):
 * A query row that may attend nothing returns 0 and ``lse = -inf`` (never NaN).
 * ``dropout_p``: dropout on the normalised probabilities, as in eager attention during training.
 
-Returns ``(out [B, Hq, Sq, Dv] in q.dtype, lse [B, Hq, Sq] float32)``, with
+Returns ``(out [B, Hq, Sq, Dv] in q.dtype, lse [B, Hq, Sq] float32 (float64 for float64 inputs))``, with
 ``lse = log(sum_j exp(score_j) + sum_h exp(sink_h))`` in natural log.
 """
 
@@ -243,6 +243,9 @@ def softmax_attention_reference(q, k, v, *, scale=None, causal=False, window=Non
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     spec = _MaskSpec(q, k, causal=causal, window=window, key_padding_mask=key_padding_mask,
                      attn_mask=attn_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if Sq == 0:
+        return q.new_zeros(B, Hq, 0, v.shape[-1]), torch.zeros(B, Hq, 0, dtype=lse_dtype, device=q.device)
     qg = q.unflatten(1, (Hkv, G))  # (B, Hkv, G, Sq, D): query heads of one KV head side by side
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, sinks, attn_mask))
@@ -258,7 +261,7 @@ def softmax_attention_reference(q, k, v, *, scale=None, causal=False, window=Non
         outs.append(o)
         lses.append(lse)
     out = torch.cat(outs, dim=3).flatten(1, 2).to(q.dtype)
-    lse = torch.cat(lses, dim=3).flatten(1, 2).float()
+    lse = torch.cat(lses, dim=3).flatten(1, 2).to(lse_dtype)
     return out, lse
 
 
@@ -293,4 +296,4 @@ def softmax_attention_naive(q, k, v, *, scale=None, causal=False, window=None, s
     if dropout_p > 0.0:
         p = torch.nn.functional.dropout(p, dropout_p, training=True)
     out = torch.matmul(p, vr)
-    return out.to(q.dtype), lse.float()
+    return out.to(q.dtype), lse.to(torch.float64 if dt == torch.float64 else torch.float32)
