@@ -1,0 +1,201 @@
+"""Split-KV decode for MLA in Triton: one new token per sequence against a latent cache.
+
+Same definition as :func:`.reference.latent_attention_reference` with ``Sq == 1``: every head attends over
+one shared cache of latents ``c: (Sk, r)`` and RoPE keys ``k_rope: (Sk, d_r)``, with value = the latent.
+
+How it works:
+
+* all H query heads of a sequence are packed into the M dimension of one tile, so each block of the
+  latent cache is loaded ONCE per sequence for all heads (the point of MLA: one shared "KV head" of
+  dim r + d_r), and the scores ``q_lat @ c^T + q_rope @ k_rope^T`` are real matrix products;
+* the cache is cut into ``num_splits`` contiguous ranges, one program each (grid: split x batch), and
+  each writes its normalised partial latent output and its partial log-sum-exp (base 2) in fp32;
+* a merge kernel combines the splits per (batch, head) with a log-sum-exp weighting.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import check_latent_inputs
+
+__all__ = ["MAX_LATENT_DIM", "mla_decode"]
+
+MAX_LATENT_DIM = 1024       # r and d_r: one tile row holds the whole latent
+MIN_KEYS_PER_SPLIT = 256    # below this a split's fixed cost (the q load, the partial write) dominates
+LOG2E = 1.4426950408889634  # 1/ln 2
+
+
+@triton.heuristics({"HAS_KPM": lambda a: a["KPM"] is not None})
+@triton.jit
+def _mla_split_kernel(QL, QR, C, KR, KPM, O_PART, LSE_PART,
+                      s_qlb, s_qlh, s_qrb, s_qrh, s_cb, s_cs, s_krb, s_krs, s_mb,
+                      s_pb, s_ph, s_ps, s_lpb, s_lph,
+                      H, S_K, N_SPLITS, qk_scale,
+                      R: tl.constexpr, DR: tl.constexpr, R_PAD: tl.constexpr, DR_PAD: tl.constexpr,
+                      HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    i_s = tl.program_id(0)
+    i_b = tl.program_id(1).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_r = tl.arange(0, R_PAD)
+    offs_dr = tl.arange(0, DR_PAD)
+    m_h = offs_h < H
+
+    # -- the queries of all heads: (BLOCK_H, R_PAD) latent part, (BLOCK_H, DR_PAD) RoPE part
+    b_ql = tl.load(QL + i_b * s_qlb + offs_h[:, None] * s_qlh + offs_r[None, :],
+                   mask=m_h[:, None] & (offs_r[None, :] < R), other=0.0)
+    b_qr = tl.load(QR + i_b * s_qrb + offs_h[:, None] * s_qrh + offs_dr[None, :],
+                   mask=m_h[:, None] & (offs_dr[None, :] < DR), other=0.0)
+    if UPCAST:
+        b_ql = b_ql.to(tl.float32)
+        b_qr = b_qr.to(tl.float32)
+
+    # -- this split's keys: [start, end)
+    n_blocks = tl.cdiv(S_K, BLOCK_N)
+    per_split = tl.cdiv(n_blocks, N_SPLITS)
+    start = i_s * per_split * BLOCK_N
+    end = tl.minimum(start + per_split * BLOCK_N, S_K)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, R_PAD], tl.float32)
+    for lo in range(start, end, BLOCK_N):
+        offs_n = lo + tl.arange(0, BLOCK_N)
+        m_n = offs_n < end
+        # -- load one block of the latent cache and the RoPE keys, shared by all heads
+        b_c = tl.load(C + i_b * s_cb + offs_n[:, None] * s_cs + offs_r[None, :],
+                      mask=m_n[:, None] & (offs_r[None, :] < R), other=0.0)
+        b_kr = tl.load(KR + i_b * s_krb + offs_n[:, None] * s_krs + offs_dr[None, :],
+                       mask=m_n[:, None] & (offs_dr[None, :] < DR), other=0.0)
+        if UPCAST:
+            b_c = b_c.to(tl.float32)
+            b_kr = b_kr.to(tl.float32)
+        # -- scores in base 2: (q_lat c^T + q_rope k_rope^T) * scale / ln 2
+        b_s = tl.dot(b_ql, tl.trans(b_c), input_precision=PRECISION)
+        b_s += tl.dot(b_qr, tl.trans(b_kr), input_precision=PRECISION)
+        b_s = b_s * qk_scale
+        m_k = m_n
+        if HAS_KPM:
+            m_k = m_k & (tl.load(KPM + i_b * s_mb + offs_n, mask=m_n, other=0) != 0)
+        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        # -- update m_i and l_i
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        b_p = tl.exp2(b_s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        # -- the value is the latent itself
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_c.dtype), b_c, input_precision=PRECISION)
+        m_i = m_new
+
+    # -- partial result: normalised latent output and base-2 log-sum-exp (-inf where the split saw nothing)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    b_o = acc / l_safe[:, None]
+    b_lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+    p_o = O_PART + i_b * s_pb + offs_h[:, None] * s_ph + i_s * s_ps + offs_r[None, :]
+    tl.store(p_o, b_o, mask=m_h[:, None] & (offs_r[None, :] < R))
+    tl.store(LSE_PART + i_b * s_lpb + offs_h * s_lph + i_s, b_lse2, mask=m_h)
+
+
+@triton.jit
+def _mla_merge_kernel(O_PART, LSE_PART, O, LSE,
+                      s_pb, s_ph, s_ps, s_lpb, s_lph, s_ob, s_oh, s_lb,
+                      H, N_SPLITS, R: tl.constexpr, R_PAD: tl.constexpr, NS_PAD: tl.constexpr):
+    # One program per (batch * head): out = sum_s exp(lse_s - lse) * out_s
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    offs_s = tl.arange(0, NS_PAD)
+    offs_r = tl.arange(0, R_PAD)
+    m_s = offs_s < N_SPLITS
+    b_lse2 = tl.load(LSE_PART + i_b * s_lpb + i_h * s_lph + offs_s, mask=m_s, other=float("-inf"))
+    b_o = tl.load(O_PART + i_b * s_pb + i_h * s_ph + offs_s[:, None] * s_ps + offs_r[None, :],
+                  mask=m_s[:, None] & (offs_r[None, :] < R), other=0.0)
+    # -- log-sum-exp over the splits; a row no split saw keeps m = -inf and shifts by 0
+    m = tl.max(b_lse2, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    b_w = tl.exp2(b_lse2 - m_safe)
+    l = tl.sum(b_w, 0)
+    l_safe = tl.where(l == 0.0, 1.0, l)
+    b_out = tl.sum(b_w[:, None] * b_o, 0) / l_safe
+    b_lse = tl.where(l == 0.0, float("-inf"), (m_safe + tl.log2(l_safe)) * 0.6931471805599453)  # ln 2
+    tl.store(O + i_b * s_ob + i_h * s_oh + offs_r, b_out.to(O.dtype.element_ty), mask=offs_r < R)
+    tl.store(LSE + i_b * s_lb + i_h, b_lse)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pad(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))   # tl.dot needs every dim >= 16
+
+
+def _auto_num_splits(batch: int, seq_len: int, device) -> int:
+    """Enough splits for about two programs per SM, each with at least MIN_KEYS_PER_SPLIT keys."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(triton.cdiv(seq_len, MIN_KEYS_PER_SPLIT), triton.cdiv(2 * sms, batch), 128))
+
+
+def mla_decode(q_lat, q_rope, latent, k_rope, *, scale: float, key_padding_mask=None, num_splits=None,
+               block_n: int | None = None):
+    """MLA decode over a latent cache with split-KV and a log-sum-exp merge. Forward only.
+
+    q_lat: (B, H, 1, r) (no-RoPE queries already mapped into the latent space, see ``absorb_query``),
+    q_rope: (B, H, 1, d_r), latent: (B, Sk, r), k_rope: (B, Sk, d_r) (rotated); one dtype among
+    fp16/bf16/fp32, on CUDA (or on CPU with TRITON_INTERPRET=1); r, d_r <= 1024, H <= 128.
+    key_padding_mask: optional bool (B, Sk), True = a real token. `scale` multiplies the scores.
+    num_splits: how many cache ranges run in parallel (default: from the length and the SM count).
+
+    Returns (out_lat (B, H, 1, r) in q_lat.dtype, lse (B, H, 1) fp32, natural log).
+    """
+    check_latent_inputs(q_lat, q_rope, latent, k_rope, key_padding_mask=key_padding_mask)
+    B, H, Sq, R = q_lat.shape
+    Sk, DR = latent.shape[1], k_rope.shape[-1]
+    if Sq != 1:
+        raise ValueError(f"mla_decode serves one new token per sequence, got Sq={Sq}: use the reference "
+                         "(latent_attention_reference) for prefill or chunks")
+    dtypes = {t.dtype for t in (q_lat, q_rope, latent, k_rope)}
+    if len(dtypes) != 1 or q_lat.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"mla_decode needs all inputs in one dtype among float16/bfloat16/float32, got {dtypes}")
+    if max(R, DR) > MAX_LATENT_DIM or H > 128:
+        raise ValueError(f"r={R}, d_r={DR}, H={H}: mla_decode supports r, d_r <= {MAX_LATENT_DIM} and H <= 128")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    q_lat, q_rope, latent, k_rope = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_lat, q_rope, latent, k_rope))
+    out = torch.empty(B, H, 1, R, dtype=q_lat.dtype, device=q_lat.device)
+    lse = torch.empty(B, H, 1, dtype=torch.float32, device=q_lat.device)
+    if B == 0 or H == 0:
+        return out, lse
+    num_splits = num_splits or _auto_num_splits(B, Sk, q_lat.device)
+    o_part = torch.empty(B, H, num_splits, R, dtype=torch.float32, device=q_lat.device)
+    lse_part = torch.empty(B, H, num_splits, dtype=torch.float32, device=q_lat.device)
+    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
+    upcast = _interpreting() and q_lat.dtype != torch.float32
+    precision = "ieee" if q_lat.dtype == torch.float32 or upcast else "tf32"
+    R_PAD, DR_PAD = _pad(R), _pad(DR)
+    block_n = block_n or (32 if R_PAD >= 512 else 64)
+    # -- one program per (split, batch): all heads share each loaded block of the cache
+    _mla_split_kernel[(num_splits, B)](
+        q_lat, q_rope, latent, k_rope, kpm, o_part, lse_part,
+        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
+        latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
+        0 if kpm is None else kpm.stride(0),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        H, Sk, num_splits, float(scale) * LOG2E,
+        R=R, DR=DR, R_PAD=R_PAD, DR_PAD=DR_PAD, UPCAST=upcast, PRECISION=precision,
+        BLOCK_H=_pad(H), BLOCK_N=block_n,
+    )
+    # -- merge the splits, one program per (batch * head)
+    _mla_merge_kernel[(B * H,)](
+        o_part, lse_part, out, lse,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        H, num_splits, R=R, R_PAD=triton.next_power_of_2(R), NS_PAD=triton.next_power_of_2(num_splits),
+    )
+    return out, lse
