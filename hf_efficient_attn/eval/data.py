@@ -129,7 +129,7 @@ def _check_not_empty(data: TextData) -> TextData:
 def _bundled_documents(corpus: str) -> tuple[tuple[str, str], ...]:
     """(id, text) of every document of a bundled corpus, in the order stored (sorted by id)."""
     fname = BUNDLED_CORPORA[corpus]["file"]
-    ref = resources.files("hf_efficient_attn").joinpath("data", fname)
+    ref = resources.files("hf_efficient_attn").joinpath("data").joinpath(fname)  # one step at a time: Python 3.10
     try:
         raw = ref.read_bytes()
     except FileNotFoundError as e:
