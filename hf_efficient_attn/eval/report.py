@@ -151,7 +151,7 @@ def _rows(reports: list[ModelReport]) -> tuple[list[str], list[list[str]]]:
     kv_head = f"KV bytes/token @{kv_tok.pop()}" if len(kv_tok) == 1 else "KV bytes/token"
     speed_ctx = _speed_context(reports)
     dec_head = f"decode tok/s @{speed_ctx}" if speed_ctx else "decode tok/s"
-    header = ["model", "ppl", "Δppl", kv_head, dec_head, "params"]
+    header = ["model", "ppl", "Δppl", "tokens", kv_head, dec_head, "params"]
     rows = []
     for i, r in enumerate(reports):
         if r.delta_ppl is None:
@@ -162,7 +162,7 @@ def _rows(reports: list[ModelReport]) -> tuple[list[str], list[list[str]]]:
             delta = f"{r.delta_ppl:+.3f}"
         kvpt = r.kv_bytes_per_token
         dec = r.decode_tok_s()
-        rows.append([r.model, f"{r.ppl:.3f}", delta, "n/a" if kvpt is None else f"{kvpt:,.0f}",
+        rows.append([r.model, f"{r.ppl:.3f}", delta, f"{r.tokens:,}", "n/a" if kvpt is None else f"{kvpt:,.0f}",
                      "n/a" if dec is None else f"{dec:.1f}", _human(r.params)])
     return header, rows
 
@@ -182,7 +182,9 @@ def protocol_line(reports: list[ModelReport]) -> str:
     p = reports[0].protocol
     stride = "disjoint windows" if p.get("stride") is None else f"stride {p['stride']}"
     bos = ", BOS at the start of each window" if p.get("bos_per_window") else ""
-    return (f"data {p.get('data')} (sha256 {str(p.get('data_sha256'))[:12]}), {p.get('tokens')} scored tokens, "
+    counts = {r.tokens for r in reports}
+    tokens = f", {counts.pop()} scored tokens" if len(counts) == 1 else ""
+    return (f"data {p.get('data')} (sha256 {str(p.get('data_sha256'))[:12]}){tokens}, "
             f"context {p.get('context_length')}, {stride}{bos}, {p.get('dtype')}, device {p.get('device')}, "
             f"torch {p.get('torch')}, transformers {p.get('transformers')}")
 
@@ -191,7 +193,7 @@ def format_table(reports: list[ModelReport]) -> str:
     """The comparison as an aligned plain-text table, followed by the protocol and any notes."""
     header, rows = _rows(reports)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    right = {1, 2, 3, 4, 5}
+    right = {1, 2, 3, 4, 5, 6}
     fmt = lambda cells: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     lines = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
     lines.append(f"protocol: {protocol_line(reports)}")
