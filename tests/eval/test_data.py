@@ -190,3 +190,23 @@ def test_bad_splits():
 def test_textdata_repr_and_hash_is_stable():
     d = TextData("x", ("a", "b"))
     assert d.sha256 == sha("a\n\nb") and "documents=2" in repr(d)
+
+
+def test_build_corpus_is_reproducible(tmp_path):
+    """The maintainer's rebuild: sections only, sorted ids, byte-identical output, loadable."""
+    import gzip
+    import json
+
+    src = tmp_path / "_sources"
+    for rel, text in {"library/os.rst.txt": "os docs\n", "tutorial/a.rst.txt": "tutorial\n",
+                      "reference/b/c.rst.txt": "nested\n", "whatsnew/3.11.rst.txt": "not included\n"}.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(text)
+    counts = data_mod.build_python_docs_corpus(src, tmp_path / "a.jsonl.gz")
+    data_mod.build_python_docs_corpus(src, tmp_path / "b.jsonl.gz")
+    assert (tmp_path / "a.jsonl.gz").read_bytes() == (tmp_path / "b.jsonl.gz").read_bytes()
+    rows = [json.loads(x) for x in gzip.decompress((tmp_path / "a.jsonl.gz").read_bytes()).decode().splitlines()]
+    assert [r["id"] for r in rows] == ["library/os.rst", "reference/b/c.rst", "tutorial/a.rst"]
+    assert sum(c["documents"] for c in counts.values()) == 3
+    with pytest.raises(FileNotFoundError, match="apt-get install python3.11-doc"):
+        data_mod.build_python_docs_corpus(tmp_path / "nothing", tmp_path / "c.jsonl.gz")

@@ -110,3 +110,10 @@ def test_demo_conversions_registry(monkeypatch):
 
     del fake.demo_conversions  # a conversions layer without demo entries: only DEMO_CONVERSIONS
     assert [s.label for s in report.demo_conversions()] == ["extra"]
+
+
+def test_write_report_without_matplotlib(reports, tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # plots are an optional extra
+    files = write_report(reports, tmp_path)
+    assert files["plots"] == [] and files["json"].exists() and files["markdown"].exists()
