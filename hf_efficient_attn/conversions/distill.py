@@ -1,0 +1,334 @@
+"""Healing a converted model by distillation from the original.
+
+    res = distill(student, teacher, texts, tokenizer=tok, max_tokens=200_000, trainable="kv")
+    res.model is student      # trained in place (LoRA adapters merged back); res.losses, res.tokens, res.seconds
+
+The same call runs on a CPU, a GPU, or several processes under ``accelerate launch`` (data parallel,
+through `accelerate.Accelerator`): each optimizer step takes `batch_size` blocks of `seq_len` tokens
+per process, and `max_tokens` is the budget summed over processes, so N processes with batch_size B
+take the same steps, on the same blocks, as one process with batch_size N*B. On CPUs, launch several
+processes with ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N script.py``
+(plain ``--cpu`` starts one process unless MPI is set up).
+
+Stages (`STAGES`): ``"logits"``: KL(teacher || student) over the vocabulary at every position (at a
+temperature), optionally plus the next-token cross-entropy. A later conversion whose new modules
+need their own objective (linear attention: layer-wise attention-output transfer) adds a `Stage`
+with `register_stage`; ``"attention"`` is reserved for it.
+
+What trains (`trainable`): ``"kv"`` (k/v projections: all that GQA pooling changed), ``"attention"``
+(all attention projections), ``"all"``, ``"lora"`` (LoRA adapters on the attention projections
+through peft, merged into the weights at the end), or a callable ``(name, param) -> bool``.
+
+Checkpoints: with `checkpoint_dir` and `checkpoint_every`, the trainable weights, optimizer and
+scheduler state, step and loss history are written atomically every N steps; calling `distill`
+again with the same arguments and the same starting student resumes from the last one and ends in
+the same weights as a run that was never interrupted (the data order depends only on `seed`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .io import token_blocks
+
+__all__ = ["DistillResult", "RESERVED_STAGES", "STAGES", "Stage", "TRAINABLE", "distill", "logits_loss",
+           "register_stage"]
+
+STATE_FILE = "distill_state.pt"
+
+
+# -- stages: what the student is trained to match ------------------------------------------------------
+
+def logits_loss(student, teacher, input_ids, *, kl_weight: float = 1.0, ce_weight: float = 0.0,
+                temperature: float = 1.0):
+    """KL(teacher || student) per token (nats, x T^2), plus `ce_weight` x next-token cross-entropy.
+
+    input_ids: (B, T). Returns ``(loss, {"kl": ..., "ce": ...})``."""
+    with torch.no_grad():
+        t_logits = teacher(input_ids=input_ids, use_cache=False).logits      # (B, T, V)
+    s_logits = student(input_ids=input_ids, use_cache=False).logits          # (B, T, V)
+    assert s_logits.shape == t_logits.shape, f"student logits {tuple(s_logits.shape)} != teacher {tuple(t_logits.shape)}"
+    t_logp = F.log_softmax(t_logits.float() / temperature, dim=-1)
+    s_logp = F.log_softmax(s_logits.float() / temperature, dim=-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * temperature ** 2
+    loss, metrics = kl_weight * kl, {"kl": kl.detach()}
+    if ce_weight:
+        ce = F.cross_entropy(s_logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten())
+        loss, metrics["ce"] = loss + ce_weight * ce, ce.detach()
+    return loss, metrics
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A distillation objective. ``loss(student, teacher, input_ids, **loss_options) -> (loss, metrics)``;
+    ``check(student)`` raises ValueError when the stage cannot train that student (None: any model)."""
+
+    name: str
+    loss: Callable
+    description: str
+    check: Callable | None = None
+    default_trainable: str = "kv"
+
+
+STAGES: dict[str, Stage] = {
+    "logits": Stage("logits", logits_loss, "KL to the teacher's next-token distribution (+ optional CE)"),
+}
+RESERVED_STAGES = {
+    "attention": "layer-by-layer attention transfer (each new attention module learns to reproduce the original "
+                 "softmax layer's output); it belongs to conversions that replace softmax attention with new "
+                 "modules (linear attention), which register it",
+}
+
+
+def register_stage(stage: Stage) -> None:
+    STAGES[stage.name] = stage
+
+
+def _stage(name: str, student) -> Stage:
+    if name not in STAGES:
+        if name in RESERVED_STAGES:
+            raise ValueError(
+                f"stage={name!r} is {RESERVED_STAGES[name]}. No conversion in use registered it, and this model "
+                f"keeps softmax attention ({type(student).__name__}, e.g. after a GQA conversion): heal it with "
+                f"stage='logits'. Registered stages: {', '.join(STAGES)}")
+        raise ValueError(f"unknown stage {name!r}; the stages are: {', '.join(STAGES)}")
+    stage = STAGES[name]
+    if stage.check is not None:
+        stage.check(student)
+    return stage
+
+
+# -- what trains ---------------------------------------------------------------------------------------
+
+def _modules_named(*names):
+    return lambda name, p: any(part in names for part in name.split("."))
+
+
+TRAINABLE: dict[str, Callable] = {
+    "kv": _modules_named("k_proj", "v_proj", "qkv_proj"),      # qkv_proj (Phi3) trains its q rows too
+    "attention": _modules_named("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "q_norm", "k_norm"),
+    "all": lambda name, p: True,
+}
+DEFAULT_LR = {"kv": 3e-4, "attention": 1e-4, "all": 3e-5, "lora": 1e-3, "callable": 1e-4}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+
+
+def _select_trainable(student, trainable, lora_rank, lora_alpha, lora_targets):
+    """Set requires_grad for the chosen parameters; returns the model to train (a PeftModel for "lora")."""
+    if trainable == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as e:
+            raise ImportError("trainable='lora' needs peft: pip install 'peft>=0.12' "
+                              "(or pip install 'hf_efficient_attn[train]')") from e
+        present = {name.rsplit(".", 1)[-1] for name, _ in student.named_modules()}
+        targets = list(lora_targets or [t for t in LORA_TARGETS if t in present])
+        cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=0.0)
+        return get_peft_model(student, cfg)
+    if callable(trainable):
+        select = trainable
+    elif trainable in TRAINABLE:
+        select = TRAINABLE[trainable]
+    else:
+        raise ValueError(f"unknown trainable={trainable!r}; use one of {', '.join([*TRAINABLE, 'lora'])} "
+                         "or a callable (name, param) -> bool")
+    chosen = 0
+    for name, p in student.named_parameters():
+        p.requires_grad_(bool(select(name, p)))
+        chosen += p.requires_grad
+    if not chosen:
+        raise ValueError(f"trainable={trainable!r} selects no parameter of {type(student).__name__}; "
+                         f"use 'all', 'lora' or a callable")
+    return student
+
+
+# -- data order ----------------------------------------------------------------------------------------
+
+def _block_order(num_blocks: int, needed: int, seed: int) -> torch.Tensor:
+    """`needed` block indices: a seeded permutation per epoch, concatenated. Depends only on the arguments."""
+    epochs = math.ceil(needed / num_blocks)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randperm(num_blocks, generator=gen) for _ in range(epochs)])[:needed]
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------
+
+def _save_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)        # atomic: a crash leaves the previous checkpoint intact
+
+
+def _check_fingerprint(saved: dict, now: dict, path: Path) -> None:
+    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if diff:
+        listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"the checkpoint at {path} is from a different run ({listed}). Pass the same arguments "
+                         "to resume, resume=False to start over, or another checkpoint_dir")
+
+
+# transformers 5.x renames gradient_checkpointing_* to activation_checkpointing_* (the old names warn)
+def _is_checkpointing(model) -> bool:
+    new = hasattr(type(model), "is_activation_checkpointing")
+    return bool(getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False))
+
+
+def _set_checkpointing(model, on: bool) -> None:
+    if not on:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    elif hasattr(model, "activation_checkpointing_enable"):   # non-reentrant: works with frozen inputs, under DDP
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@dataclass
+class DistillResult:
+    model: torch.nn.Module
+    losses: list[float] = field(default_factory=list)   # per step, mean over processes, since step 0
+    tokens: int = 0                                      # tokens trained on, all processes, since step 0
+    steps: int = 0
+    seconds: float = 0.0                                 # wall time of this call
+    resumed_from: int = 0                                # the step this call started at
+
+
+def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", max_tokens: int = 100_000,
+            seq_len: int = 512, batch_size: int = 4, trainable="kv", lr: float | None = None,
+            weight_decay: float = 0.0, warmup: float = 0.05, grad_clip: float | None = 1.0,
+            kl_weight: float = 1.0, ce_weight: float = 0.0, temperature: float = 1.0,
+            lora_rank: int = 8, lora_alpha: int = 16, lora_targets=None,
+            bf16: bool | None = None, gradient_checkpointing: bool = False,
+            checkpoint_dir=None, checkpoint_every: int | None = None, resume: bool = True,
+            seed: int = 0, progress: bool = True, on_step: Callable | None = None) -> DistillResult:
+    """Train `student` (in place) to match `teacher` on `data`; returns a `DistillResult`.
+
+    data: text (see `io.text_documents`) with its `tokenizer`, or token ids ``(n, seq_len)``.
+    max_tokens: total training tokens over all processes; steps = max_tokens // (seq_len x batch_size x
+    processes). lr: peak learning rate (default by `trainable`, `DEFAULT_LR`), linear warmup over the
+    first `warmup` fraction of steps, cosine decay to 10%. bf16: autocast to bfloat16 (None: as
+    ``accelerate launch --mixed_precision`` says). gradient_checkpointing: recompute activations in
+    the backward pass (less memory, ~30% more time). on_step(step, metrics): called after every step.
+    """
+    from accelerate import Accelerator
+
+    if student is teacher:
+        raise ValueError("student and teacher are the same object: distill a converted copy (hfa.convert returns one)")
+    stage_obj = _stage(stage, student)
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise ValueError(f"student and teacher vocabularies differ ({student.config.vocab_size} vs "
+                         f"{teacher.config.vocab_size}): distillation compares their next-token distributions")
+    if checkpoint_every is not None and checkpoint_dir is None:
+        raise ValueError("checkpoint_every needs checkpoint_dir=<folder>")
+    accelerator = Accelerator()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    tokens_per_step = seq_len * batch_size * world
+    steps = max_tokens // tokens_per_step
+    if steps < 1:
+        raise ValueError(f"max_tokens={max_tokens} is less than one step ({seq_len} tokens x batch_size {batch_size} "
+                         f"x {world} process(es) = {tokens_per_step}); raise max_tokens or lower seq_len/batch_size")
+    blocks = token_blocks(tokenizer, data, seq_len, max_tokens)                # (n, seq_len)
+    if blocks.shape[1] != seq_len:
+        raise ValueError(f"the token ids have length {blocks.shape[1]}, not seq_len={seq_len}")
+    order = _block_order(len(blocks), steps * batch_size * world, seed)
+    use_bf16 = accelerator.mixed_precision == "bf16" if bf16 is None else bf16
+    autocast = (lambda: torch.autocast(accelerator.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+    # -- what trains, and how; everything changed here is undone in `finally`, even on an interruption
+    was_training, was_checkpointing = student.training, _is_checkpointing(student)
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    kind = "callable" if callable(trainable) else trainable
+    lr = DEFAULT_LR[kind] if lr is None and kind in DEFAULT_LR else lr
+    model, finished = student, False
+    try:
+        model = _select_trainable(student, trainable, lora_rank, lora_alpha, lora_targets)
+        if gradient_checkpointing:
+            _set_checkpointing(model, True)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+        warm = max(1, int(warmup * steps))
+        cosine = lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warm if s < warm else cosine(s))
+        teacher.to(accelerator.device).eval()
+        model.train()
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
+
+        # -- resume
+        fingerprint = {"stage": stage, "max_tokens": max_tokens, "seq_len": seq_len, "batch_size": batch_size,
+                       "processes": world, "trainable": kind, "lr": lr, "seed": seed, "kl_weight": kl_weight,
+                       "ce_weight": ce_weight, "temperature": temperature,
+                       "parameters": [(n, tuple(p.shape)) for n, p in named],
+                       "data": hashlib.sha256(blocks.numpy().tobytes()).hexdigest()}
+        state_path = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None
+        start, losses = 0, []
+        if state_path is not None and resume and state_path.exists():
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            _check_fingerprint(state["fingerprint"], fingerprint, state_path)
+            with torch.no_grad():
+                for n, p in named:
+                    p.copy_(state["trainable"][n])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start, losses = state["step"], list(state["losses"])
+
+        # -- train
+        loss_options = {"kl_weight": kl_weight, "ce_weight": ce_weight, "temperature": temperature}
+        bar = tqdm(total=steps, initial=start, desc=f"distill ({stage})", unit="step",
+                   disable=not (progress and accelerator.is_local_main_process))
+        t0 = time.perf_counter()
+        for step in range(start, steps):
+            mine = order[(step * world + rank) * batch_size:(step * world + rank + 1) * batch_size]
+            input_ids = blocks[mine].to(accelerator.device)                    # (B, seq_len)
+            with autocast():
+                loss, metrics = stage_obj.loss(wrapped, teacher, input_ids, **loss_options)
+            accelerator.backward(loss)
+            if grad_clip is not None:
+                accelerator.clip_grad_norm_([p for _, p in named], grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(accelerator.reduce(loss.detach().float(), "mean").item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            done = step + 1
+            if state_path is not None and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    _save_state(state_path, {"step": done, "fingerprint": fingerprint, "losses": losses,
+                                             "trainable": {n: p.detach().cpu() for n, p in named},
+                                             "optimizer": optimizer.state_dict(),
+                                             "scheduler": scheduler.state_dict()})
+                accelerator.wait_for_everyone()
+            if on_step is not None:
+                on_step(done, {"loss": losses[-1], **{k: float(v) for k, v in metrics.items()}})
+        bar.close()
+        seconds = time.perf_counter() - t0
+        finished = True
+    finally:
+        # -- hand the student back as it came: trained if finished, LoRA merged (or dropped if interrupted)
+        if model is not student:                                               # the PeftModel of "lora"
+            model = model.merge_and_unload() if finished else model.unload()
+            assert model is student, "peft returned a different module than the student it wrapped"
+        if gradient_checkpointing and not was_checkpointing:
+            _set_checkpointing(student, False)
+        for n, p in student.named_parameters():
+            p.requires_grad_(flags.get(n, True))
+        student.train(was_training)
+        accelerator.free_memory()
+
+    student.hfa_conversions = [*getattr(student, "hfa_conversions", []), {
+        "distill": stage, "tokens": steps * tokens_per_step, "trainable": kind, "lr": lr, "seq_len": seq_len,
+        "batch_size": batch_size, "processes": world, "kl_weight": kl_weight, "ce_weight": ce_weight,
+        "temperature": temperature, "bf16": use_bf16, "seed": seed}]
+    return DistillResult(student, losses, steps * tokens_per_step, steps, seconds, start)
