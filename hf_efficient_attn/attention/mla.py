@@ -1,0 +1,242 @@
+"""Multi-head latent attention (MLA) as a drop-in for a Llama-family attention module, and its model class.
+
+    from hf_efficient_attn.attention.mla import LlamaMLAConfig, LlamaMLAForCausalLM, MLAAttention
+
+The conversion (``hf_efficient_attn.conversions.mla``) builds these from a pretrained model; this module
+holds only the architecture. Notation: C hidden size, Hq query heads, Hkv the original KV heads (now
+*head groups*: query head h reads group h // (Hq // Hkv)), D head dim, r = ``kv_lora_rank``, d_r =
+``mla_rope_dim`` (P = d_r / 2 RoPE planes), B batch, S new tokens, T cached tokens.
+
+Per token the layer computes and CACHES only
+    latent   c      = kv_a_proj(x)                         (r,)
+    RoPE key k_rope = RoPE(k_rope_proj(x))                 (d_r,)  shared by every head
+and per head
+    q_h             = q_proj(x)_h                          (D,)    no RoPE (the original query, unrotated)
+    q_rope_h[p]     = RoPE(q_rope_coef[g, p] * q_h[plane f_p])     (d_r,)  plane p rotates at frequency f_p
+    k_nope_g, v_g   = kv_b_proj(c) split per group          (D,), (D,)
+    score_h(t)      = scaling * (q_h . k_nope_g(t) + q_rope_h . k_rope(t))
+
+`scaling` is the ORIGINAL model's 1/sqrt(D) (``config.mla_scaling``): the score is the same sum of products the
+original layer formed, only split into a no-RoPE and a RoPE part, so the default 1/sqrt of the new key dim
+(D + d_r here, r + d_r in the absorbed form) would be wrong.
+
+Two ways to run it, equal in exact arithmetic (tested):
+* *expanded* (prefill, and whenever the cache is empty): up-project K and V, ordinary attention through the
+  model's attention implementation (eager, sdpa, ...; keys of dim D + d_r, values of dim D);
+* *absorbed* (decode: the cache already holds tokens): q_lat_h = W_uk[g]^T q_h, attention over the cached
+  latents only (``kernels.mla``: the Triton split-KV kernel on CUDA for one new token, the reference
+  otherwise), then out_h = W_uv[g] out_lat_h before o_proj. The K/V up-projections are never applied to
+  the cache. (Folding W_uk into q_proj and W_uv into o_proj as DeepSeek does would cost more FLOPs here,
+  since r > D: C*Hq*r vs C*Hq*D + Hq*D*r; the cache traffic, which decides decode speed, is the same.)
+
+The cache: no custom Cache class. The model's own ``DynamicCache(config=...)`` (created by LlamaModel.forward
+and by ``generate``) is used as it is: each MLA layer calls ``cache.update(latent, k_rope, layer_idx)``, so the
+layer's ``keys`` slot holds the latents ``(B, 1, T, r)`` and its ``values`` slot the rotated RoPE keys
+``(B, 1, T, d_r)``. Everything the cache does along the token axis (growth, ``crop``, beam-search
+``reorder_cache``, ``get_seq_length`` for masks) is then right without a hook, and ``hfa.kv_cache_bytes`` sees
+(r + d_r) values per token per layer. `latent_cache` reads them back by their MLA names.
+
+Checkpoints: ``model_type = "hfa_mla_llama"`` with ``architectures = ["LlamaMLAForCausalLM"]``. Importing this
+module registers both with the Auto classes, so ``hfa.load`` (``AutoModelForCausalLM.from_pretrained``) loads
+them; stock transformers without this package refuses them (unknown model type) instead of loading a Llama
+with missing k/v projections.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+
+from ..kernels.mla import absorb_query, expand_latent_output, latent_attention_reference
+
+__all__ = ["DECODE_MODES", "LlamaMLAConfig", "LlamaMLAForCausalLM", "MLAAttention", "latent_cache"]
+
+DECODE_MODES = ("absorbed", "expanded")
+
+
+class LlamaMLAConfig(LlamaConfig):
+    """A Llama config plus the MLA shape. ``mla_rope_frequencies[i]``: the P = d_r / 2 RoPE frequency indices
+    (into the model's inv_freq, 0 .. rotary_dim / 2 - 1; repeats allowed) of layer i's RoPE planes."""
+
+    model_type = "hfa_mla_llama"
+    kv_lora_rank: int = 0
+    mla_rope_dim: int = 0
+    mla_rope_frequencies: list | None = None
+    mla_scaling: float | None = None
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        if self.kv_lora_rank < 1 or self.mla_rope_dim < 2 or self.mla_rope_dim % 2:
+            raise ValueError(f"an MLA config needs kv_lora_rank >= 1 and an even mla_rope_dim >= 2, got "
+                             f"{self.kv_lora_rank}, {self.mla_rope_dim}")
+        freqs = self.mla_rope_frequencies
+        if freqs is None or len(freqs) != self.num_hidden_layers or any(len(f) != self.mla_rope_dim // 2 for f in freqs):
+            raise ValueError(f"mla_rope_frequencies must hold {self.mla_rope_dim // 2} frequency indices for each of "
+                             f"the {self.num_hidden_layers} layers")
+
+
+def latent_cache(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latent (B, T, r), rotated RoPE keys (B, T, d_r)) that an MLA layer stored in a DynamicCache."""
+    layer = cache.layers[layer_idx]
+    return layer.keys[:, 0], layer.values[:, 0]
+
+
+def _bool_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int):
+    """The model's mask as (bool (B or 1, 1, S, T) True = attend, or None, causal?)."""
+    if attention_mask is None:
+        return None, q_len > 1                                # None: causal for a chunk, all for one token
+    if attention_mask.dtype == torch.bool:
+        mask = attention_mask
+    else:                                                     # eager: additive, 0 = attend, finfo.min = masked
+        mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    return mask[..., -kv_len:], False
+
+
+class MLAAttention(nn.Module):
+    """MLA replacing a Llama-style attention layer (see the module docstring for the math and the cache).
+
+    forward(hidden_states (B, S, C), position_embeddings (cos, sin) each (B, S, rotary_dim), attention_mask,
+    cache) -> (out (B, S, C), None).
+    """
+
+    def __init__(self, config: LlamaMLAConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_heads = config.num_attention_heads
+        self.num_groups = config.num_key_value_heads          # head groups sharing one K_nope / V up-projection
+        self.num_key_value_groups = self.num_heads // self.num_groups   # read by eager_attention_forward
+        self.kv_lora_rank = config.kv_lora_rank
+        self.rope_dim = config.mla_rope_dim
+        self.scaling = config.mla_scaling or self.head_dim ** -0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.decode_mode = "absorbed"       # or "expanded": up-project the cache (for tests and comparisons)
+        self.decode_backend = "auto"        # "auto": Triton for one new token on CUDA; "triton"; "reference"
+        if config.attention_bias:
+            raise ValueError("MLA attention does not support q/k/v/o biases (attention_bias=True)")
+        c, hq, hkv, d, r, dr = (config.hidden_size, self.num_heads, self.num_groups, self.head_dim,
+                                self.kv_lora_rank, self.rope_dim)
+        self.q_proj = nn.Linear(c, hq * d, bias=False)
+        self.kv_a_proj = nn.Linear(c, r, bias=False)                 # the latent: all the cache holds, with k_rope
+        self.k_rope_proj = nn.Linear(c, dr, bias=False)              # the shared RoPE key, before rotation
+        self.kv_b_proj = nn.Linear(r, 2 * hkv * d, bias=False)       # rows [K_nope of each group; V of each group]
+        self.q_rope_coef = nn.Parameter(torch.ones(hkv, dr // 2))    # q_rope_h[p] = coef[g, p] * q_h[plane f_p]
+        self.o_proj = nn.Linear(hq * d, c, bias=False)
+        # the frequency of each RoPE plane: from the config, not a buffer (from_pretrained leaves
+        # non-persistent buffers of custom modules uninitialised)
+        self.rope_frequency_list = tuple(int(f) for f in config.mla_rope_frequencies[layer_idx])
+        assert len(self.rope_frequency_list) == dr // 2, f"layer {layer_idx}: {len(self.rope_frequency_list)} RoPE " \
+            f"frequencies for d_r={dr}"
+
+    def rope_frequencies(self, device) -> torch.Tensor:
+        """(P,) int64: the RoPE frequency index of each plane, on `device` (made per call: a tensor kept from an
+        inference_mode call could not be used under autograd)."""
+        return torch.tensor(self.rope_frequency_list, dtype=torch.long, device=device)
+
+    # -- pieces -------------------------------------------------------------------------------------------
+
+    def up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_uk (Hkv, D, r), W_uv (Hkv, D, r)): the per-group key and value up-projections."""
+        hkv, d, r = self.num_groups, self.head_dim, self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(2, hkv, d, r)
+        return w[0], w[1]
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x (..., S, d_r) whose plane p = dims (p, P + p) turns at frequency f_p; cos/sin: (B, S, rotary_dim)."""
+        f = self.rope_frequencies(x.device)
+        cos_r = cos[..., f].repeat(1, 1, 2).unsqueeze(1)     # (B, 1, S, d_r): HF's rotate_half layout
+        sin_r = sin[..., f].repeat(1, 1, 2).unsqueeze(1)
+        return x * cos_r.to(x.dtype) + rotate_half(x) * sin_r.to(x.dtype)
+
+    def queries(self, hidden_states, cos, sin):
+        """(q (B, Hq, S, D) unrotated, q_rope (B, Hq, S, d_r) rotated)."""
+        b, s, _ = hidden_states.shape
+        hq, d, p = self.num_heads, self.head_dim, self.rope_dim // 2
+        rot = cos.shape[-1]
+        q = self.q_proj(hidden_states).view(b, s, hq, d).transpose(1, 2)            # (B, Hq, S, D)
+        f = self.rope_frequencies(q.device)
+        planes = torch.cat([q[..., f], q[..., f + rot // 2]], dim=-1)              # (B, Hq, S, d_r)
+        coef = self.q_rope_coef.repeat_interleave(self.num_key_value_groups, 0)     # (Hq, P)
+        q_rope = planes * coef.repeat(1, 2)[None, :, None, :].to(q.dtype)
+        return q, self._rope(q_rope, cos, sin)
+
+    def latents(self, hidden_states, cos, sin):
+        """(latent (B, 1, S, r), k_rope (B, 1, S, d_r) rotated): what the cache stores."""
+        latent = self.kv_a_proj(hidden_states).unsqueeze(1)
+        k_rope = self._rope(self.k_rope_proj(hidden_states).unsqueeze(1), cos, sin)
+        return latent, k_rope
+
+    def expand(self, latent, k_rope):
+        """Per-group keys [K_nope; k_rope] (B, Hkv, T, D + d_r) and values (B, Hkv, T, D) from latents (B, 1, T, r)."""
+        b, _, t, _ = latent.shape
+        hkv, d = self.num_groups, self.head_dim
+        kv = self.kv_b_proj(latent[:, 0]).view(b, t, 2, hkv, d)
+        k_nope, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)       # (B, Hkv, T, D)
+        k = torch.cat([k_nope, k_rope.expand(b, hkv, t, self.rope_dim)], dim=-1)
+        return k, v
+
+    # -- forward ------------------------------------------------------------------------------------------
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, cache=None, past_key_values=None, **kwargs):
+        if cache is None:                  # the keyword was past_key_values before transformers 5.24
+            cache = past_key_values
+        b, s, _ = hidden_states.shape
+        cos, sin = position_embeddings
+        q, q_rope = self.queries(hidden_states, cos, sin)
+        latent, k_rope = self.latents(hidden_states, cos, sin)
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        if cache is not None:
+            latent, k_rope = cache.update(latent, k_rope, self.layer_idx)           # (B, 1, T, r), (B, 1, T, d_r)
+        if past > 0 and self.decode_mode == "absorbed":
+            out = self._absorbed(q, q_rope, latent[:, 0], k_rope[:, 0], attention_mask)        # (B, Hq, S, D)
+            out = out.transpose(1, 2)
+        else:
+            k, v = self.expand(latent, k_rope)
+            interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                                        eager_attention_forward)
+            out, _ = interface(self, torch.cat([q, q_rope], dim=-1), k, v, attention_mask,
+                               dropout=0.0 if not self.training else self.attention_dropout,
+                               scaling=self.scaling, **kwargs)                     # (B, S, Hq, D)
+        assert out.shape == (b, s, self.num_heads, self.head_dim), tuple(out.shape)
+        return self.o_proj(out.reshape(b, s, -1)), None
+
+    def _absorbed(self, q, q_rope, latent, k_rope, attention_mask):
+        """Attention over the latent cache only. q (B, Hq, S, D), q_rope (B, Hq, S, d_r), latent (B, T, r),
+        k_rope (B, T, d_r) -> (B, Hq, S, D)."""
+        w_uk, w_uv = self.up_weights()
+        q_lat = absorb_query(q, w_uk)                                                # (B, Hq, S, r)
+        mask, causal = _bool_mask(attention_mask, q.shape[2], latent.shape[1])
+        out_lat = None
+        use_triton = self.decode_backend == "triton" or (self.decode_backend == "auto" and q.is_cuda)
+        if use_triton and q.shape[2] == 1 and not torch.is_grad_enabled() and (mask is None or mask.shape[1] == 1):
+            from ..kernels.mla.triton_decode import mla_decode
+            kpm = None if mask is None else mask[:, 0, 0, :].expand(latent.shape[0], -1)
+            out_lat, _ = mla_decode(q_lat, q_rope, latent, k_rope, scale=self.scaling, key_padding_mask=kpm)
+        if out_lat is None:
+            out_lat, _ = latent_attention_reference(q_lat, q_rope, latent, k_rope, scale=self.scaling,
+                                                    causal=causal, attn_mask=mask)
+        return expand_latent_output(out_lat, w_uv)
+
+
+class LlamaMLAForCausalLM(LlamaForCausalLM):
+    """A Llama causal LM whose every attention layer is `MLAAttention` (checkpoint model_type "hfa_mla_llama")."""
+
+    config_class = LlamaMLAConfig
+
+    def __init__(self, config: LlamaMLAConfig):
+        super().__init__(config)
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn = MLAAttention(config, i)
+        self.post_init()
+
+
+AutoConfig.register(LlamaMLAConfig.model_type, LlamaMLAConfig, exist_ok=True)
+AutoModelForCausalLM.register(LlamaMLAConfig, LlamaMLAForCausalLM, exist_ok=True)

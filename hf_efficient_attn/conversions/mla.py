@@ -1,0 +1,274 @@
+"""GQA/MHA -> MLA (multi-head latent attention): cache one rank-r latent and one small RoPE key per token.
+
+    new = convert(model, "mla", kv_lora_rank=256, rope_dim=32, method="activations", calibration=texts,
+                  tokenizer=tok)           # registered here: importing this module adds "mla" to CONVERSIONS
+
+After TransMLA (2025) and MHA2MLA (Ji et al. 2025). Notation as in ``attention.mla``: C hidden, Hq query
+heads, Hkv KV heads, G = Hq / Hkv, D head dim, R rotary dim (D for Llama), r = kv_lora_rank, d_r = rope_dim,
+P = d_r / 2 kept RoPE planes, Sigma the (C, C) second moment of the attention layer's input on calibration
+data (the identity when there is none). Per layer, in float64:
+
+1. **One RoPE key for all heads, plane by plane (exact).** For frequency f the KV heads' key planes form
+   K_f (Hkv, 2); RoPE rotates every row by the same 2x2 rotation, so any orthogonal U_f (Hkv, Hkv) acting
+   on the head axis commutes with it: z_f = U_f K_f. U_f is the PCA of the heads at that frequency
+   (eigenvectors of K_f Sigma K_f^T, TransMLA's RoRoPE), so z_{f,0} carries the most positional energy.
+   Query head h reads key plane f of its head g as sum_j U_f[j, g] z_{f,j}: the RoPE query of plane (f, j)
+   is U_f[j, g] q_{h,f} (``q_rope_coef``), and the scores are unchanged.
+2. **Partial RoPE.** Rank every plane (f, j) by sum_h |U_f[j, g(h)]| ||q_{h,f}|| ||z_{f,j}|| (MHA2MLA's
+   ||q_f|| ||k_f|| summed over the query heads that read it; RMS norms on calibration data, from Sigma) and
+   keep the top P as the shared RoPE key (d_r dims). The rest of every key, K_nope_g = k_g minus its kept
+   planes, loses its rotation: the only approximation besides the rank. With d_r = Hkv * R every plane is
+   kept (for MQA: d_r = D) and this step is exact.
+3. **Joint low rank of [K_nope; V]** (2 Hkv D rows, rank <= 2 Hkv D - d_r), after scaling the K rows by
+   alpha = sqrt(E||v||^2 / E||k_nope||^2) so keys and values weigh the same (undone in the up-projection):
+   ``"weights"``: truncated SVD of the stacked weights; ``"activations"``: PCA of the stacked activations
+   (top-r eigenvectors E of A Sigma A^T; down = E^T A, up = E), which keeps what the data uses.
+   r = 2 Hkv D - d_r (the rank of the stack) is exact.
+4. **Scale.** The layer keeps the original 1/sqrt(D) (see ``attention.mla``).
+
+KV cache per token and layer: r + d_r values, against 2 Hkv D before.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..attention.mla import LlamaMLAConfig, LlamaMLAForCausalLM
+from .convert import register_conversion
+from .gqa import attention_layers, rotary_dim
+from .io import token_blocks
+
+__all__ = ["METHODS", "MLA_TRAINABLE", "SUPPORTED", "LayerMLA", "convert_mla", "input_second_moments", "mla_layer",
+           "mla_ranks"]
+
+METHODS = ("weights", "activations")
+SUPPORTED = {"llama": (LlamaMLAConfig, LlamaMLAForCausalLM)}
+UNSUPPORTED = {
+    "gemma3_text": "Gemma3 RMS-normalises each key head (k_norm) before RoPE, so keys are not a linear map of the "
+                   "input and [K_nope; V] has no weight factorization; it also mixes sliding-window layers. It needs "
+                   "an MLA module with the norm on the up-projected keys, not written yet",
+    "qwen3": "Qwen3 RMS-normalises each key head (k_norm) before RoPE: keys are not a linear map of the input",
+}
+
+
+def _check_family(model):
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in UNSUPPORTED:
+        raise ValueError(f"MLA conversion does not support model_type {model_type!r}: {UNSUPPORTED[model_type]}. "
+                         f"Supported: {', '.join(SUPPORTED)}")
+    if model_type not in SUPPORTED:
+        raise ValueError(f"MLA conversion does not support model_type {model_type!r} ({type(model).__name__}); "
+                         f"supported: {', '.join(SUPPORTED)}")
+    if getattr(model.config, "attention_bias", False):
+        raise ValueError("MLA conversion needs attention without q/k/v/o biases (config.attention_bias=True here)")
+    return SUPPORTED[model_type]
+
+
+def mla_ranks(model) -> dict:
+    """The shape limits of `model`: ``{"max_rope_dim": Hkv * R, "full_rank": lambda d_r: 2 Hkv D - d_r, ...}``."""
+    cfg = model.config
+    hkv, d = cfg.num_key_value_heads, attention_layers(model)[0].head_dim
+    rot = rotary_dim(model)
+    return {"num_kv_heads": hkv, "head_dim": d, "rotary_dim": rot, "max_rope_dim": hkv * rot,
+            "full_rank": lambda rope_dim: 2 * hkv * d - rope_dim, "kv_per_token_layer": 2 * hkv * d}
+
+
+def _check_ranks(model, kv_lora_rank, rope_dim):
+    lim = mla_ranks(model)
+    for name, v in (("kv_lora_rank", kv_lora_rank), ("rope_dim", rope_dim)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an integer, got {v!r}")
+    if rope_dim < 2 or rope_dim % 2 or rope_dim > lim["max_rope_dim"]:
+        raise ValueError(f"rope_dim={rope_dim} must be an even number from 2 to {lim['max_rope_dim']} (KV heads "
+                         f"{lim['num_kv_heads']} x rotary dim {lim['rotary_dim']}): it counts the dims of the one RoPE "
+                         "key all heads share, two per kept frequency plane")
+    full = lim["full_rank"](rope_dim)
+    if kv_lora_rank < 1 or kv_lora_rank > full:
+        raise ValueError(f"kv_lora_rank={kv_lora_rank} must be from 1 to {full}, the rank of [K_nope; V] with "
+                         f"rope_dim={rope_dim} (2 x {lim['num_kv_heads']} KV heads x head_dim {lim['head_dim']} - "
+                         f"rope_dim); {full} is lossless")
+
+
+# -- calibration --------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def input_second_moments(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = False):
+    """Per attention layer, Sigma = X^T X / N (C, C) float64 of its input hidden states on `input_ids` (n, L)."""
+    layers = attention_layers(model)
+    c = model.config.hidden_size
+    sums = [torch.zeros(c, c, dtype=torch.float64) for _ in layers]
+    count = [0]
+
+    def hook(i):
+        def fn(mod, args, kwargs):
+            x = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach().reshape(-1, c).double()
+            sums[i] += (x.T @ x).cpu()
+            if i == 0:
+                count[0] += x.shape[0]
+        return fn
+
+    handles = [attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, attn in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        batches = input_ids.split(batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+            batches = tqdm(batches, desc="calibration", unit="batch")
+        for ids in batches:
+            model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return [s / max(count[0], 1) for s in sums]
+
+
+# -- one layer ----------------------------------------------------------------------------------------
+
+class LayerMLA(dict):
+    """One layer's MLA weights (float64): q_rope_coef (Hkv, P), k_rope_proj (d_r, C), kv_a_proj (r, C),
+    kv_b_proj (2 Hkv D, r), plus `frequencies` (P,) and diagnostics."""
+
+
+def mla_layer(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, sigma: torch.Tensor, rotary: int,
+              kv_lora_rank: int, rope_dim: int, method: str) -> LayerMLA:
+    """Steps 1-3 of the module docstring for one layer. q_w (Hq, D, C), k_w and v_w (Hkv, D, C), sigma (C, C)."""
+    hq, d, c = q_w.shape
+    hkv = k_w.shape[0]
+    assert k_w.shape == v_w.shape == (hkv, d, c) and sigma.shape == (c, c) and hq % hkv == 0
+    g_of = torch.arange(hq) // (hq // hkv)                                     # (Hq,) group of each query head
+    half, p_keep = rotary // 2, rope_dim // 2
+
+    # -- 1. per-frequency PCA over the KV heads (commutes with RoPE)
+    planes_k = torch.stack([k_w[:, :half], k_w[:, half:rotary]], dim=2)         # (Hkv, R/2, 2, C)
+    planes_q = torch.stack([q_w[:, :half], q_w[:, half:rotary]], dim=2)         # (Hq, R/2, 2, C)
+    m = torch.einsum("afic,ce,bfie->fab", planes_k, sigma, planes_k)             # (R/2, Hkv, Hkv)
+    eigval, eigvec = torch.linalg.eigh(m)                                        # ascending
+    u = eigvec.flip(-1).transpose(1, 2)                                          # (R/2, Hkv, Hkv): u[f, j, a]
+    z_energy = eigval.flip(-1).clamp_min(0)                                      # (R/2, Hkv): E||z_{f,j}||^2
+    q_energy = torch.einsum("hfic,ce,hfie->hf", planes_q, sigma, planes_q).clamp_min(0)   # (Hq, R/2)
+
+    # -- 2. rank the planes (f, j) and keep the top P
+    weight = u[:, :, g_of].abs()                                                 # (R/2, Hkv_j, Hq)
+    score = torch.einsum("fjh,hf->fj", weight, q_energy.sqrt()) * z_energy.sqrt()   # (R/2, Hkv)
+    top = torch.topk(score.flatten(), p_keep).indices
+    f_idx, j_idx = top // hkv, top % hkv
+    order = torch.argsort(f_idx * hkv + j_idx)                                   # sorted by frequency, for reading
+    f_idx, j_idx = f_idx[order], j_idx[order]
+    coef = u[f_idx, j_idx].T                                                     # (Hkv, P): coef[a, p] = U_f[j, a]
+    z_w = torch.einsum("ap,apic->pic", coef, planes_k[:, f_idx])                 # (P, 2, C) kept plane weights
+    k_rope_w = torch.cat([z_w[:, 0], z_w[:, 1]])                                 # (d_r, C): rotate_half layout
+    k_nope = k_w.clone()                            # subtract the kept planes (index_add: a frequency may repeat)
+    k_nope.index_add_(1, f_idx, -coef[:, :, None] * z_w[None, :, 0])
+    k_nope.index_add_(1, f_idx + half, -coef[:, :, None] * z_w[None, :, 1])
+
+    # -- 3. balanced joint low rank of [K_nope; V]
+    stack = torch.cat([k_nope.reshape(hkv * d, c), v_w.reshape(hkv * d, c)])    # (2 Hkv D, C)
+    energy = lambda w: float(torch.einsum("ic,ce,ie->", w, sigma, w))
+    e_k, e_v = energy(stack[: hkv * d]), energy(stack[hkv * d:])
+    alpha = math.sqrt(e_v / e_k) if e_k > 1e-12 * max(e_v, 1e-300) else 1.0
+    scale = torch.cat([torch.full((hkv * d,), alpha), torch.ones(hkv * d)]).to(stack)
+    balanced = stack * scale[:, None]
+    if method == "weights":
+        uu, s, vh = torch.linalg.svd(balanced, full_matrices=False)
+        down = s[:kv_lora_rank, None] * vh[:kv_lora_rank]                       # (r, C)
+        basis = uu[:, :kv_lora_rank]                                             # (2 Hkv D, r)
+        spectrum = s.pow(2)
+    else:
+        cov = balanced @ sigma @ balanced.T                                      # (2 Hkv D, 2 Hkv D)
+        ev, evec = torch.linalg.eigh(cov)
+        basis = evec.flip(-1)[:, :kv_lora_rank]
+        down = basis.T @ balanced
+        spectrum = ev.flip(-1).clamp_min(0)
+    up = basis / scale[:, None]
+    kept_energy = float(spectrum[:kv_lora_rank].sum() / spectrum.sum().clamp_min(1e-300))
+    rope_energy = float(z_energy[f_idx, j_idx].sum() / z_energy.sum().clamp_min(1e-300))
+    return LayerMLA(q_rope_coef=coef, k_rope_proj=k_rope_w, kv_a_proj=down, kv_b_proj=up,
+                    frequencies=f_idx, planes=list(zip(f_idx.tolist(), j_idx.tolist())),
+                    kv_energy_kept=kept_energy, rope_key_energy_kept=rope_energy, kv_balance=alpha)
+
+
+# -- the conversion -----------------------------------------------------------------------------------
+
+def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "activations", calibration=None,
+                tokenizer=None, calibration_tokens: int = 16384, seq_len: int = 512, batch_size: int = 4,
+                progress: bool = False):
+    """A copy of `model` with MLA attention (`model` is not modified): a `LlamaMLAForCausalLM`.
+
+    kv_lora_rank: r, the latent size (1 .. 2 Hkv D - rope_dim; the maximum is lossless). rope_dim: d_r, the
+    size of the RoPE key shared by all heads (even, 2 .. Hkv * rotary_dim; the maximum keeps every RoPE
+    plane). method: ``"weights"`` (SVD of the stacked K_nope/V weights) or ``"activations"`` (PCA of their
+    activations on calibration data; needs `calibration`). Calibration text (or token ids (n, seq_len)),
+    when given, also ranks the RoPE planes and sets the K/V balance; without it ``"weights"`` uses the
+    weights alone. The result's ``hfa_conversions`` records the options and, per layer, the RoPE planes
+    kept and the fraction of K/V energy the rank keeps.
+    """
+    config_cls, model_cls = _check_family(model)
+    _check_ranks(model, kv_lora_rank, rope_dim)
+    if method not in METHODS:
+        raise ValueError(f"unknown MLA method {method!r}; the methods are: {', '.join(METHODS)}")
+    if calibration is not None and tokenizer is None and not torch.is_tensor(calibration):
+        raise ValueError("calibration text needs its tokenizer: pass tokenizer=...")
+    if method == "activations" and calibration is None:
+        raise ValueError("method='activations' factorizes calibration activations: pass calibration=<text> and "
+                         "tokenizer=<its tokenizer> (or token ids), or use method='weights'")
+    cfg, c = model.config, model.config.hidden_size
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    layers = attention_layers(model)
+    d, rot = layers[0].head_dim, rotary_dim(model)
+    record = {"conversion": "mla", "method": method, "kv_lora_rank": kv_lora_rank, "rope_dim": rope_dim,
+              "kv_values_per_token_layer": [2 * hkv * d, kv_lora_rank + rope_dim],
+              "source": getattr(model, "name_or_path", None) or None}
+    if calibration is not None:
+        ids = token_blocks(tokenizer, calibration, seq_len, calibration_tokens)
+        sigmas = input_second_moments(model, ids, batch_size, progress)
+        record.update(calibration_tokens=int(ids.numel()), seq_len=seq_len)
+    else:
+        sigmas = [torch.eye(c, dtype=torch.float64)] * len(layers)
+
+    per_layer = []
+    for i, attn in enumerate(layers):
+        w = lambda lin, h: lin.weight.detach().double().cpu().reshape(h, d, c)
+        per_layer.append(mla_layer(w(attn.q_proj, hq), w(attn.k_proj, hkv), w(attn.v_proj, hkv), sigmas[i], rot,
+                                   kv_lora_rank, rope_dim, method))
+
+    # -- the new model: the same weights, MLA attention
+    base = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
+    new_cfg = config_cls(**base, kv_lora_rank=kv_lora_rank, mla_rope_dim=rope_dim,
+                         mla_rope_frequencies=[lay["frequencies"].tolist() for lay in per_layer],
+                         mla_scaling=float(layers[0].scaling), architectures=[model_cls.__name__])
+    new_cfg._attn_implementation = cfg._attn_implementation
+    param = next(model.parameters())
+    new = model_cls(new_cfg).to(dtype=param.dtype, device=param.device)
+    state = {k: v for k, v in model.state_dict().items()
+             if not any(f".self_attn.{n}." in k for n in ("k_proj", "v_proj"))}
+    for i, lay in enumerate(per_layer):
+        for name in ("q_rope_coef", "k_rope_proj", "kv_a_proj", "kv_b_proj"):
+            key = f"model.layers.{i}.self_attn.{name}" + ("" if name == "q_rope_coef" else ".weight")
+            state[key] = lay[name].to(param.dtype)
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    assert not unexpected, f"unexpected weights {unexpected[:5]}"
+    assert not missing or all(k.startswith("lm_head") and cfg.tie_word_embeddings for k in missing), missing
+    new.train(model.training)
+    mean = lambda key: round(sum(lay[key] for lay in per_layer) / len(per_layer), 6)
+    record.update(kv_energy_kept=mean("kv_energy_kept"), rope_key_energy_kept=mean("rope_key_energy_kept"),
+                  rope_planes=[lay["planes"] for lay in per_layer])
+    new.hfa_conversions = [*getattr(model, "hfa_conversions", []), record]
+    new.name_or_path = getattr(model, "name_or_path", "")
+    return new
+
+
+register_conversion("mla", convert_mla)
+
+MLA_NEW_MODULES = ("kv_a_proj", "kv_b_proj", "k_rope_proj", "q_rope_coef")
+
+
+def MLA_TRAINABLE(name: str, param) -> bool:  # noqa: N802 - a constant-like selector for hfa.distill(trainable=...)
+    """`distill(trainable=MLA_TRAINABLE)`: every attention weight of an MLA model (the new latent, RoPE-key and
+    up-projections, the RoPE query coefficients, q_proj and o_proj)."""
+    return any(part in (*MLA_NEW_MODULES, "q_proj", "o_proj") for part in name.split("."))
