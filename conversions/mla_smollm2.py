@@ -31,7 +31,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help="bundled name, local checkpoint or Hub id")
     ap.add_argument("--ranks", default="320:32,224:32,160:32,96:32", help="comma-separated kv_lora_rank:rope_dim")
-    ap.add_argument("--method", default="activations", choices=["weights", "activations"])
+    ap.add_argument("--method", default="activations", choices=["weights", "activations", "attention"])
     ap.add_argument("--calibration-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--context", type=int, default=512)

@@ -22,7 +22,9 @@ data (the identity when there is none). Per layer, in float64:
 3. **Joint low rank of [K_nope; V]** (2 Hkv D rows, rank <= 2 Hkv D - d_r), after scaling the K rows by
    alpha = sqrt(E||v||^2 / E||k_nope||^2) so keys and values weigh the same (undone in the up-projection):
    ``"weights"``: truncated SVD of the stacked weights; ``"activations"``: PCA of the stacked activations
-   (top-r eigenvectors E of A Sigma A^T; down = E^T A, up = E), which keeps what the data uses.
+   (top-r eigenvectors E of A Sigma A^T; down = E^T A, up = E), which keeps what the data uses;
+   ``"attention"``: the same PCA with every error measured as attention feels it (`attention_metric`: key
+   errors through the queries that read them, value errors through o_proj), A -> T A, up -> T^-1 E.
    r = 2 Hkv D - d_r (the rank of the stack) is exact.
 4. **Scale.** The layer keeps the original 1/sqrt(D) (see ``attention.mla``).
 
@@ -41,10 +43,10 @@ from .convert import register_conversion
 from .gqa import attention_layers, rotary_dim
 from .io import token_blocks
 
-__all__ = ["METHODS", "MLA_TRAINABLE", "SUPPORTED", "LayerMLA", "convert_mla", "input_second_moments", "mla_layer",
+__all__ = ["METHODS", "MLA_TRAINABLE", "SUPPORTED", "LayerMLA", "attention_metric", "convert_mla", "input_second_moments", "mla_layer",
            "mla_ranks"]
 
-METHODS = ("weights", "activations")
+METHODS = ("weights", "activations", "attention")
 SUPPORTED = {"llama": (LlamaMLAConfig, LlamaMLAForCausalLM)}
 UNSUPPORTED = {
     "gemma3_text": "Gemma3 RMS-normalises each key head (k_norm) before RoPE, so keys are not a linear map of the "
@@ -135,9 +137,36 @@ class LayerMLA(dict):
     kv_b_proj (2 Hkv D, r), plus `frequencies` (P,) and diagnostics."""
 
 
+def _sqrt_psd(m: torch.Tensor, ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M^1/2, M^-1/2) of a symmetric PSD (n, n) matrix, regularised by `ridge` x its mean eigenvalue."""
+    ev, evec = torch.linalg.eigh(m)
+    ev = ev.clamp_min(0) + ridge * ev.clamp_min(0).mean().clamp_min(1e-300)
+    return (evec * ev.sqrt()) @ evec.T, (evec / ev.sqrt()) @ evec.T
+
+
+def attention_metric(q_w, o_w, sigma, num_kv_heads):
+    """Block-diagonal (2 Hkv D, 2 Hkv D) pair (T, T^-1) that measures K/V errors as attention feels them:
+    a key error dk of group a changes the scores of its query heads by q_h . dk, so keys are weighted by
+    (sum_h E[q_h q_h^T])^1/2; a value error dv reaches the output as o_proj_h dv, so values are weighted by
+    (sum_h o_h^T o_h)^1/2. q_w (Hq, D, C), o_w (C, Hq, D), sigma (C, C)."""
+    hq, d, _ = q_w.shape
+    g = hq // num_kv_heads
+    blocks, inverses = [], []
+    for which in ("k", "v"):
+        for a in range(num_kv_heads):
+            heads = range(a * g, (a + 1) * g)
+            m = (sum(q_w[h] @ sigma @ q_w[h].T for h in heads) if which == "k"
+                 else sum(o_w[:, h].T @ o_w[:, h] for h in heads))
+            t, t_inv = _sqrt_psd(m)
+            blocks.append(t)
+            inverses.append(t_inv)
+    return torch.block_diag(*blocks), torch.block_diag(*inverses)
+
+
 def mla_layer(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, sigma: torch.Tensor, rotary: int,
-              kv_lora_rank: int, rope_dim: int, method: str) -> LayerMLA:
-    """Steps 1-3 of the module docstring for one layer. q_w (Hq, D, C), k_w and v_w (Hkv, D, C), sigma (C, C)."""
+              kv_lora_rank: int, rope_dim: int, method: str, o_w: torch.Tensor | None = None) -> LayerMLA:
+    """Steps 1-3 of the module docstring for one layer. q_w (Hq, D, C), k_w and v_w (Hkv, D, C), sigma (C, C),
+    o_w (C, Hq, D) (used by method "attention")."""
     hq, d, c = q_w.shape
     hkv = k_w.shape[0]
     assert k_w.shape == v_w.shape == (hkv, d, c) and sigma.shape == (c, c) and hq % hkv == 0
@@ -169,6 +198,10 @@ def mla_layer(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, sigma: to
 
     # -- 3. balanced joint low rank of [K_nope; V]
     stack = torch.cat([k_nope.reshape(hkv * d, c), v_w.reshape(hkv * d, c)])    # (2 Hkv D, C)
+    metric = metric_inv = None
+    if method == "attention":                   # measure K/V in the units scores and outputs feel them
+        metric, metric_inv = attention_metric(q_w, o_w, sigma, hkv)
+        stack = metric @ stack
     energy = lambda w: float(torch.einsum("ic,ce,ie->", w, sigma, w))
     e_k, e_v = energy(stack[: hkv * d]), energy(stack[hkv * d:])
     alpha = math.sqrt(e_v / e_k) if e_k > 1e-12 * max(e_v, 1e-300) else 1.0
@@ -186,6 +219,8 @@ def mla_layer(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, sigma: to
         down = basis.T @ balanced
         spectrum = ev.flip(-1).clamp_min(0)
     up = basis / scale[:, None]
+    if metric_inv is not None:
+        up = metric_inv @ up
     kept_energy = float(spectrum[:kv_lora_rank].sum() / spectrum.sum().clamp_min(1e-300))
     rope_energy = float(z_energy[f_idx, j_idx].sum() / z_energy.sum().clamp_min(1e-300))
     return LayerMLA(q_rope_coef=coef, k_rope_proj=k_rope_w, kv_a_proj=down, kv_b_proj=up,
@@ -202,8 +237,9 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "activati
 
     kv_lora_rank: r, the latent size (1 .. 2 Hkv D - rope_dim; the maximum is lossless). rope_dim: d_r, the
     size of the RoPE key shared by all heads (even, 2 .. Hkv * rotary_dim; the maximum keeps every RoPE
-    plane). method: ``"weights"`` (SVD of the stacked K_nope/V weights) or ``"activations"`` (PCA of their
-    activations on calibration data; needs `calibration`). Calibration text (or token ids (n, seq_len)),
+    plane). method: ``"weights"`` (SVD of the stacked K_nope/V weights), ``"activations"`` (PCA of their
+    activations on calibration data; needs `calibration`) or ``"attention"`` (that PCA with key errors
+    weighted by the queries and value errors by o_proj; needs `calibration`). Calibration text (or token ids (n, seq_len)),
     when given, also ranks the RoPE planes and sets the K/V balance; without it ``"weights"`` uses the
     weights alone. The result's ``hfa_conversions`` records the options and, per layer, the RoPE planes
     kept and the fraction of K/V energy the rank keeps.
@@ -214,8 +250,8 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "activati
         raise ValueError(f"unknown MLA method {method!r}; the methods are: {', '.join(METHODS)}")
     if calibration is not None and tokenizer is None and not torch.is_tensor(calibration):
         raise ValueError("calibration text needs its tokenizer: pass tokenizer=...")
-    if method == "activations" and calibration is None:
-        raise ValueError("method='activations' factorizes calibration activations: pass calibration=<text> and "
+    if method in ("activations", "attention") and calibration is None:
+        raise ValueError(f"method={method!r} factorizes calibration activations: pass calibration=<text> and "
                          "tokenizer=<its tokenizer> (or token ids), or use method='weights'")
     cfg, c = model.config, model.config.hidden_size
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -234,8 +270,9 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "activati
     per_layer = []
     for i, attn in enumerate(layers):
         w = lambda lin, h: lin.weight.detach().double().cpu().reshape(h, d, c)
+        o_w = attn.o_proj.weight.detach().double().cpu().reshape(c, hq, d)
         per_layer.append(mla_layer(w(attn.q_proj, hq), w(attn.k_proj, hkv), w(attn.v_proj, hkv), sigmas[i], rot,
-                                   kv_lora_rank, rope_dim, method))
+                                   kv_lora_rank, rope_dim, method, o_w))
 
     # -- the new model: the same weights, MLA attention
     base = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}

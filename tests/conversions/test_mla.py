@@ -40,7 +40,7 @@ def logits(model, ids, **kw):
 
 
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 6])     # MQA, GQA, MHA
-@pytest.mark.parametrize("method", ["weights", "activations"])
+@pytest.mark.parametrize("method", ["weights", "activations", "attention"])
 def test_full_rank_reproduces_the_logits(num_kv_heads, method):
     model = tiny_llama(num_kv_heads)
     lim = mla_ranks(model)
