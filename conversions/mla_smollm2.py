@@ -32,6 +32,8 @@ def parse_args(argv=None):
     ap.add_argument("--model", default="smollm2-135m", help="bundled name, local checkpoint or Hub id")
     ap.add_argument("--ranks", default="320:32,224:32,160:32,96:32", help="comma-separated kv_lora_rank:rope_dim")
     ap.add_argument("--method", default="activations", choices=["weights", "activations", "attention"])
+    ap.add_argument("--dropped-rope", default="keep", choices=["keep", "expected"],
+                    help="RoPE planes left out of the RoPE key: unrotated, or their rotation averaged over distances")
     ap.add_argument("--calibration-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--context", type=int, default=512)
@@ -75,9 +77,10 @@ def main(argv=None):
     for r, dr in _points(args.ranks):
         t0 = time.time()
         new = convert(model, "mla", kv_lora_rank=r, rope_dim=dr, method=args.method, calibration=calib,
-                      tokenizer=tok, calibration_tokens=args.calibration_tokens)
+                      tokenizer=tok, calibration_tokens=args.calibration_tokens, dropped_rope=args.dropped_rope)
         rec = new.hfa_conversions[-1]
-        info = {"kv_lora_rank": r, "rope_dim": dr, "method": args.method, "healed_tokens": 0,
+        info = {"kv_lora_rank": r, "rope_dim": dr, "method": args.method, "dropped_rope": args.dropped_rope,
+                "healed_tokens": 0,
                 "convert_seconds": round(time.time() - t0, 1), "kv_energy_kept": rec["kv_energy_kept"],
                 "rope_key_energy_kept": rec["rope_key_energy_kept"]}
         measure(f"mla r={r} d_r={dr}", new, info)
@@ -96,7 +99,8 @@ def main(argv=None):
         print(f"{row['model']:<32}{row['ppl']:>9.3f}{100 * (row['ppl'] / base['ppl'] - 1):>8.1f}%"
               f"{row['kv_bytes_per_token']:>12.0f}{100 * row['kv_bytes_per_token'] / base['kv_bytes_per_token']:>7.1f}%")
     print(f"protocol: held-out python-docs eval split, first {rows[0]['tokens']} tokens, disjoint {args.context}-token "
-          f"windows; calibration {args.calibration_tokens} tokens; method {args.method}")
+          f"windows; calibration {args.calibration_tokens} tokens; method {args.method}, dropped RoPE planes "
+          f"{args.dropped_rope}")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     try:
         import matplotlib

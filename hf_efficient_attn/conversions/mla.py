@@ -43,7 +43,7 @@ from .convert import register_conversion
 from .gqa import attention_layers, rotary_dim
 from .io import token_blocks
 
-__all__ = ["METHODS", "MLA_TRAINABLE", "SUPPORTED", "LayerMLA", "attention_metric", "convert_mla", "input_second_moments", "mla_layer",
+__all__ = ["METHODS", "MLA_TRAINABLE", "SUPPORTED", "LayerMLA", "attention_metric", "expected_rotation", "convert_mla", "input_second_moments", "mla_layer",
            "mla_ranks"]
 
 METHODS = ("weights", "activations", "attention")
@@ -144,6 +144,27 @@ def _sqrt_psd(m: torch.Tensor, ridge: float = 1e-6) -> tuple[torch.Tensor, torch
     return (evec * ev.sqrt()) @ evec.T, (evec / ev.sqrt()) @ evec.T
 
 
+def expected_rotation(k_nope: torch.Tensor, inv_freq: torch.Tensor, rotary: int, distance: int) -> torch.Tensor:
+    """Replace the rotation a dropped RoPE plane no longer gets by its mean over query-key distances.
+
+    The score of plane f is q^T R(-theta_f t) k at distance t = query pos - key pos >= 0. Keeping k
+    unrotated (MHA2MLA) uses R(0) = I for every t: right for slow planes, a spurious position-free bias for
+    fast ones, whose rotation averages out. E_t R(-theta t) = c I - s J with c = mean cos(theta t),
+    s = mean sin(theta t), t uniform on 0 .. distance - 1, is linear in k, so it folds into K_nope's weights.
+    k_nope: (Hkv, D, C) (planes (f, f + R/2)); inv_freq: (R/2,). Planes kept in the RoPE key were subtracted
+    from k_nope already (they are zero there), so this touches only the dropped ones."""
+    half = rotary // 2
+    t = torch.arange(distance, dtype=torch.float64)
+    phase = inv_freq.double()[:, None] * t[None, :]                                  # (R/2, distance)
+    c, s = phase.cos().mean(1), phase.sin().mean(1)                                  # (R/2,)
+    x, y = k_nope[:, :half], k_nope[:, half:rotary]                                 # (Hkv, R/2, C) each
+    out = k_nope.clone()
+    # R(phi) (x, y) = (x cos phi - y sin phi, x sin phi + y cos phi) at phi = -theta t, averaged
+    out[:, :half] = c[:, None] * x + s[:, None] * y
+    out[:, half:rotary] = -s[:, None] * x + c[:, None] * y
+    return out
+
+
 def attention_metric(q_w, o_w, sigma, num_kv_heads):
     """Block-diagonal (2 Hkv D, 2 Hkv D) pair (T, T^-1) that measures K/V errors as attention feels them:
     a key error dk of group a changes the scores of its query heads by q_h . dk, so keys are weighted by
@@ -164,9 +185,11 @@ def attention_metric(q_w, o_w, sigma, num_kv_heads):
 
 
 def mla_layer(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, sigma: torch.Tensor, rotary: int,
-              kv_lora_rank: int, rope_dim: int, method: str, o_w: torch.Tensor | None = None) -> LayerMLA:
+              kv_lora_rank: int, rope_dim: int, method: str, o_w: torch.Tensor | None = None,
+              inv_freq: torch.Tensor | None = None, rope_distance: int = 512) -> LayerMLA:
     """Steps 1-3 of the module docstring for one layer. q_w (Hq, D, C), k_w and v_w (Hkv, D, C), sigma (C, C),
-    o_w (C, Hq, D) (used by method "attention")."""
+    o_w (C, Hq, D) (used by method "attention"); inv_freq (R/2,): when given, the RoPE planes that lose their
+    rotation keep its average over query-key distances 0 .. rope_distance - 1 (`expected_rotation`)."""
     hq, d, c = q_w.shape
     hkv = k_w.shape[0]
     assert k_w.shape == v_w.shape == (hkv, d, c) and sigma.shape == (c, c) and hq % hkv == 0
@@ -195,6 +218,8 @@ def mla_layer(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, sigma: to
     k_nope = k_w.clone()                            # subtract the kept planes (index_add: a frequency may repeat)
     k_nope.index_add_(1, f_idx, -coef[:, :, None] * z_w[None, :, 0])
     k_nope.index_add_(1, f_idx + half, -coef[:, :, None] * z_w[None, :, 1])
+    if inv_freq is not None:
+        k_nope = expected_rotation(k_nope, inv_freq, rotary, rope_distance)
 
     # -- 3. balanced joint low rank of [K_nope; V]
     stack = torch.cat([k_nope.reshape(hkv * d, c), v_w.reshape(hkv * d, c)])    # (2 Hkv D, C)
@@ -232,7 +257,7 @@ def mla_layer(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, sigma: to
 
 def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "activations", calibration=None,
                 tokenizer=None, calibration_tokens: int = 16384, seq_len: int = 512, batch_size: int = 4,
-                progress: bool = False):
+                dropped_rope: str = "keep", rope_distance: int = 512, progress: bool = False):
     """A copy of `model` with MLA attention (`model` is not modified): a `LlamaMLAForCausalLM`.
 
     kv_lora_rank: r, the latent size (1 .. 2 Hkv D - rope_dim; the maximum is lossless). rope_dim: d_r, the
@@ -242,12 +267,16 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "activati
     weighted by the queries and value errors by o_proj; needs `calibration`). Calibration text (or token ids (n, seq_len)),
     when given, also ranks the RoPE planes and sets the K/V balance; without it ``"weights"`` uses the
     weights alone. The result's ``hfa_conversions`` records the options and, per layer, the RoPE planes
-    kept and the fraction of K/V energy the rank keeps.
+    kept and the fraction of K/V energy the rank keeps. dropped_rope: what the RoPE planes left out of the
+    RoPE key become: ``"keep"`` (unrotated, MHA2MLA) or ``"expected"`` (their rotation averaged over
+    distances 0 .. rope_distance - 1, `expected_rotation`).
     """
     config_cls, model_cls = _check_family(model)
     _check_ranks(model, kv_lora_rank, rope_dim)
     if method not in METHODS:
         raise ValueError(f"unknown MLA method {method!r}; the methods are: {', '.join(METHODS)}")
+    if dropped_rope not in ("keep", "expected"):
+        raise ValueError(f"dropped_rope={dropped_rope!r}: use 'keep' or 'expected'")
     if calibration is not None and tokenizer is None and not torch.is_tensor(calibration):
         raise ValueError("calibration text needs its tokenizer: pass tokenizer=...")
     if method in ("activations", "attention") and calibration is None:
@@ -258,6 +287,7 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "activati
     layers = attention_layers(model)
     d, rot = layers[0].head_dim, rotary_dim(model)
     record = {"conversion": "mla", "method": method, "kv_lora_rank": kv_lora_rank, "rope_dim": rope_dim,
+              "dropped_rope": dropped_rope,
               "kv_values_per_token_layer": [2 * hkv * d, kv_lora_rank + rope_dim],
               "source": getattr(model, "name_or_path", None) or None}
     if calibration is not None:
@@ -267,12 +297,14 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "activati
     else:
         sigmas = [torch.eye(c, dtype=torch.float64)] * len(layers)
 
+    inv_freq = next(b for n, b in model.named_buffers() if n.endswith("inv_freq") and "original" not in n).cpu()
     per_layer = []
     for i, attn in enumerate(layers):
         w = lambda lin, h: lin.weight.detach().double().cpu().reshape(h, d, c)
         o_w = attn.o_proj.weight.detach().double().cpu().reshape(c, hq, d)
         per_layer.append(mla_layer(w(attn.q_proj, hq), w(attn.k_proj, hkv), w(attn.v_proj, hkv), sigmas[i], rot,
-                                   kv_lora_rank, rope_dim, method, o_w))
+                                   kv_lora_rank, rope_dim, method, o_w,
+                                   inv_freq if dropped_rope == "expected" else None, rope_distance))
 
     # -- the new model: the same weights, MLA attention
     base = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}

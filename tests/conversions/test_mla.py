@@ -196,3 +196,17 @@ def test_errors(lossy):
         convert(make_model("gemma3"), "mla", kv_lora_rank=8, rope_dim=4)
     with pytest.raises(ValueError, match="does not support model_type 'gpt_neox'"):
         convert(make_model("gpt_neox"), "mla", kv_lora_rank=8, rope_dim=4)
+
+
+def test_expected_rotation_is_exact_when_every_plane_is_kept_and_changes_dropped_planes_only():
+    model = tiny_llama(2)
+    ids = random_ids(2, 20)
+    lim = mla_ranks(model)
+    full = convert(model, "mla", kv_lora_rank=lim["full_rank"](16), rope_dim=16, method="weights",
+                   dropped_rope="expected")
+    assert (logits(full, ids) - logits(model, ids)).abs().max().item() <= 1e-5
+    keep, expected = (convert(model, "mla", kv_lora_rank=28, rope_dim=4, method="weights", dropped_rope=d)
+                      for d in ("keep", "expected"))
+    assert not torch.allclose(logits(keep, ids), logits(expected, ids))
+    with pytest.raises(ValueError, match="dropped_rope='spin'"):
+        convert(model, "mla", kv_lora_rank=8, rope_dim=4, dropped_rope="spin")
