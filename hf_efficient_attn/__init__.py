@@ -5,6 +5,8 @@
     from_pretrained(..., attn_implementation="hfa")   # also works after this import
     res = hfa.perplexity(model, tok, data, context_length=512)
     hfa.kv_cache_bytes(model, tokens=1024)
+    new = hfa.convert(model, "gqa", num_kv_heads=1, method="aligned", calibration=texts, tokenizer=tok)
+    hfa.distill(new, model, texts, tokenizer=tok, max_tokens=100_000); hfa.save(new, "out"); hfa.load("out")
 
 Importing this package registers our attention implementations with transformers. The kernels
 alone (``hf_efficient_attn.kernels``) need only torch and triton: without transformers installed,
@@ -15,12 +17,14 @@ __version__ = "0.1.0"
 
 _API = {
     "is_patched": "attention", "patch": "attention", "patched": "attention", "unpatch": "attention",
+    "convert": "conversions", "distill": "conversions", "save": "conversions", "load": "conversions",
     "perplexity": "eval", "kv_cache_bytes": "eval", "load_model": "eval", "load_text": "eval",
 }
 __all__ = ["__version__", *_API]
 
 try:
     from .attention import is_patched, patch, patched, unpatch  # registers "hfa", "hfa_triton", "hfa_reference"
+    from .conversions import convert, distill, load, save
     from .eval import kv_cache_bytes, load_model, load_text, perplexity
 except ModuleNotFoundError as _e:
     if _e.name != "transformers":
