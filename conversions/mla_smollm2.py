@@ -1,7 +1,7 @@
 """SmolLM2-135M -> MLA: held-out perplexity against KV-cache bytes/token over a sweep of latent ranks.
 
     python conversions/mla_smollm2.py                                    # training-free sweep, 4 ranks
-    python conversions/mla_smollm2.py --heal-tokens 60000 --heal 160:32  # + heal one point by distillation
+    python conversions/mla_smollm2.py --heal-tokens 12288 --heal 128:64  # + heal one point by distillation
     python conversions/mla_smollm2.py --ranks 96:16 --eval-tokens 1024 --calibration-tokens 2048  # a minute
 
 SmolLM2-135M caches 2 x 3 KV heads x 64 = 384 values per token and layer; MLA caches r + d_r. Steps, on the
@@ -31,7 +31,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help="bundled name, local checkpoint or Hub id")
     ap.add_argument("--ranks", default="320:32,224:32,160:32,96:32", help="comma-separated kv_lora_rank:rope_dim")
-    ap.add_argument("--method", default="activations", choices=["weights", "activations", "attention"])
+    ap.add_argument("--method", default="attention", choices=["weights", "activations", "attention"])
     ap.add_argument("--dropped-rope", default="keep", choices=["keep", "expected"],
                     help="RoPE planes left out of the RoPE key: unrotated, or their rotation averaged over distances")
     ap.add_argument("--calibration-tokens", type=int, default=16384)
