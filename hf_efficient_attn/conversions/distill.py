@@ -58,7 +58,7 @@ def logits_loss(student, teacher, input_ids, *, kl_weight: float = 1.0, ce_weigh
     with torch.no_grad():
         t_logits = teacher(input_ids=input_ids, use_cache=False).logits      # (B, T, V)
     s_logits = student(input_ids=input_ids, use_cache=False).logits          # (B, T, V)
-    assert s_logits.shape == t_logits.shape, f"student logits {tuple(s_logits.shape)} != teacher {tuple(t_logits.shape)}"
+    assert s_logits.shape == t_logits.shape, f"student {tuple(s_logits.shape)} != teacher {tuple(t_logits.shape)}"
     t_logp = F.log_softmax(t_logits.float() / temperature, dim=-1)
     s_logp = F.log_softmax(s_logits.float() / temperature, dim=-1)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * temperature ** 2
@@ -120,7 +120,7 @@ TRAINABLE: dict[str, Callable] = {
     "attention": _modules_named("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "q_norm", "k_norm"),
     "all": lambda name, p: True,
 }
-DEFAULT_LR = {"kv": 3e-4, "attention": 1e-4, "all": 3e-5, "lora": 1e-3, "callable": 1e-4}
+DEFAULT_LR = {"kv": 1e-3, "attention": 1e-4, "all": 3e-5, "lora": 1e-3, "callable": 1e-4}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 
 

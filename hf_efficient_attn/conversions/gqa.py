@@ -25,9 +25,10 @@ Methods
   a rotation and a mean: the merged values are the top-D principal components of the group's stacked
   values (v_a ~ merged @ U_a^T, so o_proj's columns become o @ U_a), the merged keys the top complex
   component of each RoPE plane across the group (one rotation and scale per head and plane, which
-  commutes with RoPE, folded into q_proj). Rotations and a mean are one point of this family, so on the
-  calibration data it loses the least energy of the three (SmolLM2 3 -> 1: keys lose 13% vs 37% aligned
-  and 68% mean; values 15% vs 26% and 67%); the other methods' step (3) is this with fixed maps.
+  commutes with RoPE, folded into q_proj). "aligned" (rotations, then a mean) is one merge of this form,
+  so on the calibration data "pca" loses the least energy of the three (SmolLM2 3 -> 1, 2048 calibration
+  tokens: keys lose 13% vs 37% aligned and 68% mean; values 15% vs 26% and 67%). In qk-norm families
+  (below) its keys are merged as "aligned" merges them: RMSNorm undoes any scale.
 
 Qwen3 and Gemma3 RMS-normalise q and k per head before RoPE, with one weight of size D shared by all
 heads. Being shared, the norms follow the heads through renumbering and pooling unchanged. A key
@@ -41,7 +42,6 @@ its modeling code has no ``num_key_value_heads`` (always MHA), so no native chec
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -269,27 +269,31 @@ def repeat_kv_heads(w: HeadWeights, num_kv_heads: int) -> HeadWeights:
 
 
 def merge_kv_heads(w: HeadWeights, num_kv_heads: int, key_maps: torch.Tensor, value_maps: torch.Tensor,
-                   query_maps: torch.Tensor | None = None) -> HeadWeights:
-    """Merge consecutive groups of g = Hkv // k KV heads through per-head linear maps S_a (D, D):
-    merged keys = sum_a k_a S_a, and the query heads of old head a read them as q S_a (query_maps, default
-    key_maps); merged values = sum_a v_a S_a, and o_proj's columns of those query heads become o S_a. When
-    k_a = merged S_a^T (e.g. S the top principal directions of the group) every score and output is kept.
+                   query_maps: torch.Tensor | None = None, output_maps: torch.Tensor | None = None) -> HeadWeights:
+    """Merge consecutive groups of g = Hkv // k KV heads through per-head linear maps (D, D):
+    merged keys = sum_a k_a S_a, and the query heads of old head a read them as q S'_a (S' = query_maps,
+    default S); merged values = sum_a v_a T_a, and o_proj's columns of those query heads become o T'_a
+    (T' = output_maps, default T). With S' = S, T' = T: when k_a = merged S_a^T and v_a = merged T_a^T
+    (S, T the group's top principal directions, and the heads of rank D together) nothing is lost. Mean
+    pooling is S = T = I/g, S' = T' = I.
 
-    key_maps, value_maps, query_maps: (Hkv, D, D), indexed by KV head."""
+    key_maps, value_maps, query_maps, output_maps: (Hkv, D, D), indexed by KV head."""
     hkv, d, c = w.k_w.shape
     assert hkv % num_kv_heads == 0 and key_maps.shape == value_maps.shape == (hkv, d, d)
     g = hkv // num_kv_heads
     query_maps = key_maps if query_maps is None else query_maps
+    output_maps = value_maps if output_maps is None else output_maps
     to_q = lambda maps: maps.to(w.q_w).repeat_interleave(w.group_size, 0)     # (Hq, D, D)
 
-    def merged(weight, bias, maps):
+    def merged(weight, bias, maps):                                      # (Hkv, D, ...) -> (k, D, ...)
         weight, bias = _map_rows(weight, bias, maps.to(weight))
-        return weight.reshape(num_kv_heads, g, d, c).sum(1), None if bias is None else bias.reshape(num_kv_heads, g, d).sum(1)
+        group_sum = lambda t: None if t is None else t.reshape(num_kv_heads, g, *t.shape[1:]).sum(1)
+        return group_sum(weight), group_sum(bias)
 
     k_w, k_b = merged(w.k_w, w.k_b, key_maps)
     v_w, v_b = merged(w.v_w, w.v_b, value_maps)
     q_w, q_b = _map_rows(w.q_w, w.q_b, to_q(query_maps))
-    o_w = torch.einsum("chd,hde->che", w.o_w, to_q(value_maps))
+    o_w = torch.einsum("chd,hde->che", w.o_w, to_q(output_maps))
     return replace(w, q_w=q_w, q_b=q_b, k_w=k_w, k_b=k_b, v_w=v_w, v_b=v_b, o_w=o_w)
 
 
@@ -421,7 +425,7 @@ class LayerPlan:
     order: list[int]                   # old KV heads in new order; each run of g consecutive heads is a group
     key_rotations: torch.Tensor        # (Hkv, D, D), indexed by old head ("aligned")
     value_rotations: torch.Tensor      # (Hkv, D, D)
-    residual: dict                     # energy lost by merging / energy, on calibration data, per method
+    energy_lost: dict                  # fraction of the calibration energy each method's merge loses
     key_maps: torch.Tensor | None = None     # (Hkv, D, D) merge maps of `merge_kv_heads` ("pca")
     query_maps: torch.Tensor | None = None
     value_maps: torch.Tensor | None = None
@@ -497,7 +501,7 @@ def _align_group(cross, group, space: RotationSpace, rot: torch.Tensor, sweeps: 
             rot[a] = space.best(m)
 
 
-def _pooling_residual(cross, groups, rot) -> float:
+def _pooling_loss(cross, groups, rot) -> float:
     """sum_a ||X_a R_a - mean_group||^2 / sum_a ||X_a||^2 over all groups: the fraction of the energy pooling loses."""
     lost = total = 0.0
     for group in groups:
@@ -536,8 +540,10 @@ def _plane_pca_maps(cross, group, planes, maps) -> tuple[float, float]:
 
 
 def plan_layer(moments_k: torch.Tensor, moments_v: torch.Tensor, num_kv_heads: int, key_space: RotationSpace,
-               method: str = "aligned", sweeps: int = 10) -> LayerPlan:
-    """Groups, rotations and (for "pca") merge maps of one layer from its second moments (`kv_second_moments`)."""
+               method: str = "aligned", sweeps: int = 10, key_norm: bool = False) -> LayerPlan:
+    """Groups, rotations and (for "pca") merge maps of one layer from its second moments (`kv_second_moments`).
+
+    key_norm: an RMSNorm follows the key projection (qk-norm families): keys can be rotated but not scaled."""
     d = key_space.head_dim
     hkv = moments_k.shape[0] // d
     assert moments_k.shape == moments_v.shape == (hkv * d, hkv * d)
@@ -552,33 +558,37 @@ def plan_layer(moments_k: torch.Tensor, moments_v: torch.Tensor, num_kv_heads: i
         _align_group(cv, group, value_space, rot_v, sweeps)
     g = hkv // num_kv_heads
     contiguous = [list(range(i * g, (i + 1) * g)) for i in range(num_kv_heads)]
-    residual = {"keys_mean": _pooling_residual(ck, contiguous, eye), "values_mean": _pooling_residual(cv, contiguous, eye),
-                "keys_aligned": _pooling_residual(ck, groups, rot_k), "values_aligned": _pooling_residual(cv, groups, rot_v)}
-    plan = LayerPlan([a for group in groups for a in group], rot_k, rot_v, residual)
+    energy_lost = {"keys_mean": _pooling_loss(ck, contiguous, eye),
+                   "values_mean": _pooling_loss(cv, contiguous, eye),
+                   "keys_aligned": _pooling_loss(ck, groups, rot_k),
+                   "values_aligned": _pooling_loss(cv, groups, rot_v)}
+    plan = LayerPlan([a for group in groups for a in group], rot_k, rot_v, energy_lost)
     if method != "pca":
         return plan
 
     key_maps, value_maps = torch.zeros(hkv, d, d, dtype=torch.float64), torch.zeros(hkv, d, d, dtype=torch.float64)
     kept = {"keys": [0.0, 0.0], "values": [0.0, 0.0]}
-    covered = 2 * len(key_space.planes) + len(key_space.free) == d     # else: qk-norm planes that cannot scale
+    key_pca = not key_norm
+    assert not key_pca or 2 * len(key_space.planes) + len(key_space.free) == d, "key maps must cover every dim"
     for group in groups:
         parts = [("values", _pca_maps(cv, group, range(d), value_maps))]
-        if covered and key_space.planes:
+        if key_pca and key_space.planes:
             parts.append(("keys", _plane_pca_maps(ck, group, key_space.planes, key_maps)))
-        if covered and key_space.free:
+        if key_pca and key_space.free:
             parts.append(("keys", _pca_maps(ck, group, key_space.free, key_maps)))
         for name, (k, e) in parts:
             kept[name][0] += k
             kept[name][1] += e
     plan.value_maps = value_maps
-    if covered:
+    if key_pca:
         plan.key_maps = plan.query_maps = key_maps
-        residual["keys_pca"] = 1 - kept["keys"][0] / max(kept["keys"][1], 1e-30)
+        energy_lost["keys_pca"] = 1 - kept["keys"][0] / max(kept["keys"][1], 1e-30)
     else:
-        # qk-norm: RMSNorm undoes any scale of k (or q), so keys are merged as "aligned" does: rotate, then mean
+        # the norm divides by the RMS over all D dims: a per-plane scale does not commute with it, and a global
+        # one is undone by it. Keys are merged as "aligned" merges them: rotate, then mean
         plan.key_maps, plan.query_maps = rot_k / g, rot_k
-        residual["keys_pca"] = residual["keys_aligned"]
-    residual["values_pca"] = 1 - kept["values"][0] / max(kept["values"][1], 1e-30)
+        energy_lost["keys_pca"] = energy_lost["keys_aligned"]
+    energy_lost["values_pca"] = 1 - kept["values"][0] / max(kept["values"][1], 1e-30)
     return plan
 
 
@@ -639,7 +649,8 @@ def convert_gqa(model, num_kv_heads: int, method: str = "aligned", calibration=N
         moments = kv_second_moments(model, ids, batch_size, progress)
     finally:
         model.train(was_training)
-    plans = [plan_layer(mk, mv, num_kv_heads, key_rotation_space(model, i), method, sweeps)
+    key_norm = family_of(model).qk_norm
+    plans = [plan_layer(mk, mv, num_kv_heads, key_rotation_space(model, i), method, sweeps, key_norm)
              for i, (mk, mv) in enumerate(moments)]
 
     def aligned(i, w):
@@ -653,11 +664,11 @@ def convert_gqa(model, num_kv_heads: int, method: str = "aligned", calibration=N
         w = permute_kv_heads(w, order)                                          # exact
         return merge_kv_heads(w, num_kv_heads, p.key_maps[order], p.value_maps[order], p.query_maps[order])
 
-    mean = lambda key: sum(p.residual[key] for p in plans) / len(plans)
+    layer_mean = lambda key: sum(p.energy_lost[key] for p in plans) / len(plans)
     g = hkv // num_kv_heads
     record.update(calibration_tokens=int(ids.numel()), seq_len=seq_len,
                   groups=[[p.order[j:j + g] for j in range(0, hkv, g)] for p in plans],
-                  energy_lost={k: round(mean(k), 6) for k in plans[0].residual},
+                  energy_lost={k: round(layer_mean(k), 6) for k in plans[0].energy_lost},
                   key_rotation_planes=len(key_rotation_space(model, 0).planes))
     return transform_heads(model, aligned if method == "aligned" else pca, num_kv_heads, record)
 

@@ -36,8 +36,8 @@ def random_ids(n=4, seq_len=24, seed=1):
 @pytest.fixture(autouse=True)
 def _one_thread_for_tiny_models(request):
     """Tiny models are all overhead: one intra-op thread is 5-30x faster than two on a shared 2-core machine
-    (threads spin-wait on each other). Real-model tests keep the default."""
-    if "real_model" in request.keywords:
+    (threads spin-wait on each other). Slow (real-model) tests keep the default."""
+    if "slow" in request.keywords:
         yield
         return
     threads = torch.get_num_threads()

@@ -8,9 +8,10 @@ import torch
 import transformers
 
 from hf_efficient_attn.conversions import convert, expand_kv_heads
-from hf_efficient_attn.conversions.gqa import (FAMILIES, RotationSpace, _heads, attention_layers, family_of,
-                                               _map_rows, key_rotation_space, permute_kv_heads, plan_layer, rotary_dim,
-                                               rotate_keys, rotate_values, transform_heads, value_rotation_space)
+from hf_efficient_attn.conversions.gqa import (FAMILIES, RotationSpace, _heads, _map_rows, attention_layers,
+                                               family_of, key_rotation_space, merge_kv_heads, permute_kv_heads,
+                                               plan_layer, rotary_dim, rotate_keys, rotate_values, transform_heads,
+                                               value_rotation_space)
 from hf_efficient_attn.eval.cost import kv_cache_bytes
 from tests.conversions.conftest import TEXTS, char_tokenizer, random_ids
 from tests.tiny_models import make_model
@@ -309,3 +310,35 @@ def test_convert_dispatch_errors_name_the_accepted_choices():
         convert(model, "gqa", num_heads=1)
     with pytest.raises(TypeError, match="needs option\\(s\\) 'num_kv_heads'"):
         convert(model, "gqa", method="mean")
+
+
+def test_mean_pooling_is_the_merge_with_fixed_maps():
+    model = tiny("qwen2")
+    _, hkv, d = _heads(model)
+    eye = torch.eye(d, dtype=torch.float64).expand(hkv, d, d)
+    merged = transform_heads(model, lambda i, w: merge_kv_heads(w, 1, eye / hkv, eye / hkv, eye, eye), 1)
+    pooled = convert(model, "gqa", num_kv_heads=1, method="mean")
+    ids = random_ids()
+    assert_close_rms(logits(merged, ids), logits(pooled, ids), dtype=torch.float32)
+
+
+def test_pca_merges_normed_keys_as_aligned_does():
+    model = tiny("qwen3")
+    make_norms_plane_isotropic(model)                   # rotations allowed; scales never are under an RMSNorm
+    calibration = random_ids(8, 32)
+    pca = convert(model, "gqa", num_kv_heads=1, method="pca", calibration=calibration)
+    aligned = convert(model, "gqa", num_kv_heads=1, method="aligned", calibration=calibration)
+    lost = pca.hfa_conversions[-1]["energy_lost"]
+    assert lost["keys_pca"] == lost["keys_aligned"] and lost["values_pca"] <= lost["values_aligned"] + 1e-9
+    for a, b in zip(attention_layers(pca), attention_layers(aligned)):
+        assert torch.allclose(a.k_proj.weight, b.k_proj.weight, atol=1e-6)
+
+
+def test_demo_conversions_build_mqa_models():
+    from hf_efficient_attn.conversions import demo_conversions
+
+    model = tiny("llama")
+    for label, build in demo_conversions(heal_tokens=1024, calibration_tokens=1024):
+        new = build(model, char_tokenizer(), TEXTS)
+        assert new.config.num_key_value_heads == 1 and not new.training, label
+    assert model.config.num_key_value_heads == 2
