@@ -246,12 +246,17 @@ def _plots(reports: list[ModelReport], out: Path) -> list[Path]:
     paths = []
     pts = [r for r in reports if r.kv_bytes_per_token is not None]
     if pts:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for r in pts:
-            ax.scatter(r.kv_bytes_per_token, r.ppl, s=40)
-            ax.annotate(r.model, (r.kv_bytes_per_token, r.ppl), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        markers = "osD^vP*Xh<>"
+        for i, r in enumerate(pts):  # a legend, not annotations: conversions often share one x
+            ax.scatter(r.kv_bytes_per_token, r.ppl, s=45, marker=markers[i % len(markers)], label=r.model)
+        ppls = [r.ppl for r in pts]
+        if max(ppls) / min(ppls) > 10:
+            ax.set_yscale("log")
+        ax.set_xlim(left=0, right=max(r.kv_bytes_per_token for r in pts) * 1.1)
         ax.set_xlabel(f"KV-cache bytes per token (at {pts[0].kv_tokens} tokens)")
-        ax.set_ylabel("perplexity")
+        ax.set_ylabel("perplexity (lower is better)")
+        ax.legend(fontsize=7, loc="best")
         ax.set_title("accuracy vs KV-cache size")
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -265,6 +270,9 @@ def _plots(reports: list[ModelReport], out: Path) -> list[Path]:
             if r.speed:
                 ax.plot([p["context"] for p in r.speed], [p["decode_tok_s"] for p in r.speed], marker="o", label=r.model)
         ax.set_xscale("log", base=2)
+        ctxs = sorted({p["context"] for r in reports for p in r.speed})
+        ax.set_xticks(ctxs, [str(c) for c in ctxs])
+        ax.set_ylim(bottom=0)  # from zero: differences of a few percent must look like a few percent
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("decode tokens/s (batch 1)")
         ax.set_title(f"decode speed ({reports[0].protocol.get('device')})")
