@@ -18,7 +18,7 @@ demo: install
 
 # The Triton kernels run in the interpreter on CPU; on a GPU machine use kernels/gpu_check.sh.
 test: install
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra --durations=15
+	OMP_WAIT_POLICY=PASSIVE TRITON_INTERPRET=1 $(PY) -m pytest -q -ra --durations=15
 	$(MAKE) test-min-transformers
 
 # The oldest transformers we support, in a throwaway venv that reuses everything else installed.
