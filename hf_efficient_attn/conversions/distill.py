@@ -219,7 +219,8 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
     processes). lr: peak learning rate (default by `trainable`, `DEFAULT_LR`), linear warmup over the
     first `warmup` fraction of steps, cosine decay to 10%. bf16: autocast to bfloat16 (None: as
     ``accelerate launch --mixed_precision`` says). gradient_checkpointing: recompute activations in
-    the backward pass (less memory, ~30% more time). on_step(step, metrics): called after every step.
+    the backward pass (less memory, more time). on_step(step, metrics): called after every step, on
+    every process. The teacher is moved to the accelerator's device and used in eval mode, never trained.
     """
     from accelerate import Accelerator
 
