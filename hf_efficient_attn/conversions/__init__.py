@@ -1,7 +1,7 @@
 """Layer 2: checkpoint surgery — turn a model into one whose attention is cheaper, heal it, save it.
 
     from hf_efficient_attn.conversions import convert, distill, save, load
-    new = convert(model, "gqa", num_kv_heads=1, method="aligned", calibration=texts, tokenizer=tok)
+    new = convert(model, "gqa", num_kv_heads=1, method="pca", calibration=texts, tokenizer=tok)
     distill(new, model, train_texts, tokenizer=tok, max_tokens=200_000)    # heals `new` in place
     save(new, "out/mqa", tokenizer=tok)      # a native checkpoint: stock from_pretrained loads it
     new = load("out/mqa")                    # bit-identical logits

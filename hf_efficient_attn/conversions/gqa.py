@@ -1,6 +1,6 @@
 """MHA -> GQA/MQA: fewer KV heads, as a native checkpoint of the same model family.
 
-    new = convert_gqa(model, num_kv_heads=1, method="aligned", calibration=texts, tokenizer=tok)
+    new = convert_gqa(model, num_kv_heads=1, method="pca", calibration=texts, tokenizer=tok)
 
 The result has the same ``model_type`` and a smaller ``config.num_key_value_heads``: stock
 ``from_pretrained`` loads it, and its KV cache is ``num_kv_heads / Hkv`` of the original.
@@ -611,7 +611,7 @@ def _check_num_kv_heads(model, num_kv_heads) -> None:
                          f"choose one of {divisors}")
 
 
-def convert_gqa(model, num_kv_heads: int, method: str = "aligned", calibration=None, tokenizer=None,
+def convert_gqa(model, num_kv_heads: int, method: str = "pca", calibration=None, tokenizer=None,
                 calibration_tokens: int = 16384, seq_len: int = 512, batch_size: int = 4, sweeps: int = 10,
                 progress: bool = False):
     """A copy of `model` with `num_kv_heads` KV heads per layer (`model` is not modified).
@@ -622,8 +622,11 @@ def convert_gqa(model, num_kv_heads: int, method: str = "aligned", calibration=N
     principal directions instead of rotating and averaging: values by PCA of the group's stacked values
     (decoders folded into o_proj), keys by complex PCA in each RoPE plane (a rotation and a scale per head
     and plane, folded into q_proj); it keeps the most calibration energy a merge of this form can.
-    ``num_kv_heads`` equal to the current count returns an exact copy. The new model's
-    ``hfa_conversions`` records what was done (groups, and the energy each method loses, per layer mean).
+    ``pca`` is the default: on SmolLM2 3 -> 1 it measured ppl 141 training-free and 27.6 after a 40k-token
+    heal, against 739 / 56 for ``aligned`` and 33,992 / 5,459 for ``mean`` (original 12.7; see
+    conversions/gqa_smollm2_mqa.py). ``num_kv_heads`` equal to the current count returns an exact copy.
+    The new model's ``hfa_conversions`` records what was done (groups, and the energy each method loses,
+    per layer mean).
     """
     family_of(model)
     _check_num_kv_heads(model, num_kv_heads)
