@@ -55,6 +55,9 @@ def parse_args(argv=None):
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
     ap.add_argument("--batch-size", type=int, default=4, help="sequences per step and process")
     ap.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast")
+    ap.add_argument("--checkpoint-dir", default=None,
+                    help="checkpoint healing here (one subfolder per method); rerunning resumes")
+    ap.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     ap.add_argument("--eval-tokens", type=int, default=32768, help="held-out tokens to score")
     ap.add_argument("--context", type=int, default=512, help="evaluation window, tokens")
     ap.add_argument("--out", default="runs/gqa_smollm2_mqa", help="folder for report.json / report.md")
@@ -87,12 +90,16 @@ def main(argv=None):
             healed = copy.deepcopy(new)
             res = hfc.distill(healed, model, train, tokenizer=tok, max_tokens=args.heal_tokens,
                               trainable=args.trainable, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size,
-                              bf16=args.bf16, progress=not args.quiet)
+                              bf16=args.bf16, progress=not args.quiet,
+                              checkpoint_dir=args.checkpoint_dir and Path(args.checkpoint_dir) / method,
+                              checkpoint_every=args.checkpoint_dir and args.checkpoint_every)
+            trained = (res.steps - res.resumed_from) * res.tokens // res.steps     # this call's share, if resumed
             timings[f"heal {method}"] = {"tokens": res.tokens, "seconds": round(res.seconds, 1),
-                                         "tokens/s": round(res.tokens / res.seconds, 1),
+                                         "tokens/s": round(trained / max(res.seconds, 1e-9), 1),
+                                         "resumed_from_step": res.resumed_from,
                                          "first loss": round(res.losses[0], 4), "last loss": round(res.losses[-1], 4)}
-            print(f"{method}: healed on {res.tokens} tokens in {res.seconds:.0f} s "
-                  f"({res.tokens / res.seconds:.0f} tokens/s), KL {res.losses[0]:.3f} -> {res.losses[-1]:.3f}")
+            print(f"{method}: healed on {res.tokens} tokens ({trained} in this run, {res.seconds:.0f} s, "
+                  f"{trained / max(res.seconds, 1e-9):.0f} tokens/s), KL {res.losses[0]:.3f} -> {res.losses[-1]:.3f}")
             entries.append((f"{label}, healed {res.tokens // 1000}k tok ({args.trainable})", healed.eval(), tok))
         if args.save:
             for name, m, _ in entries[-(2 if args.heal_tokens else 1):]:

@@ -44,13 +44,15 @@ def test_smollm2_mqa_recipe(tiny_smollm2, tmp_path, capsys):
     recipe = load_script("conversions/gqa_smollm2_mqa.py")
     reports = recipe.main(["--model", tiny_smollm2, "--calibration-tokens", "512", "--heal-tokens", "1024",
                            "--seq-len", "128", "--batch-size", "2", "--eval-tokens", "1024", "--context", "256",
-                           "--quiet", "--out", str(tmp_path / "report"), "--save", str(tmp_path / "models")])
+                           "--quiet", "--out", str(tmp_path / "report"), "--save", str(tmp_path / "models"),
+                           "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "2"])
     assert len(reports) == 7 and "healed" in reports[-1].model
     base = reports[0].kv_bytes_per_token
     assert all(r.kv_bytes_per_token * 3 == base for r in reports[1:])         # exactly x1/3
     assert all(r.delta_ppl is not None for r in reports)                       # same tokens, same protocol
     assert (tmp_path / "report" / "report.json").exists() and len(list((tmp_path / "models").iterdir())) == 6
     assert "KV bytes/token" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["aligned", "mean", "pca"]
 
 
 def test_mha_recipe_recovers_the_original_exactly(tiny_smollm2, tmp_path):
