@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import collections.abc
+import inspect
+import json
 import sys
+import time
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
 
 
 def _add_patch_check(sub):
@@ -101,12 +109,409 @@ def _add_demo(sub):
     p.set_defaults(func=run)
 
 
+# -- hfa convert ---------------------------------------------------------------------------------------
+#
+# Generic over the conversion registry: the options of `--method NAME` are read from the conversion's
+# signature (`conversions.options_of`), so a conversion registered later needs no change here. Values
+# given as `--set KEY=VALUE` are typed by the option's annotation, else by its default.
+
+# options the command fills itself, and the flag that sets each
+_CLI_OPTIONS = {
+    "calibration": "--calibration DATA (default: the calibration split of the bundled corpus; --no-calibration: none)",
+    "tokenizer": "MODEL's tokenizer",
+    "calibration_tokens": "--calibration-tokens N",
+    "progress": "on unless --quiet",
+}
+_NONE_WORDS = {"none", "null"}
+_TRUE_WORDS = {"true", "yes", "on", "1"}
+_FALSE_WORDS = {"false", "no", "off", "0"}
+
+
+@dataclass(frozen=True)
+class OptionType:
+    """How a `--set KEY=VALUE` string becomes a Python value. base: bool, int, float, str, list or any
+    (any: none/true/false/number/comma list/text, guessed from the text)."""
+
+    base: str
+    nullable: bool = False
+    item: str = "any"                       # element type of a list
+    container: type = list                  # list or tuple
+    choices: tuple | None = None            # typing.Literal values
+
+    def describe(self) -> str:
+        name = f"{self.base} of {self.item}" if self.base == "list" else self.base
+        if self.choices:
+            name += f" (one of {', '.join(map(str, self.choices))})"
+        return name + " or none" if self.nullable and self.base != "any" else name
+
+
+_SCALARS = {bool: "bool", int: "int", float: "float", str: "str"}
+_SEQUENCES = (list, tuple, collections.abc.Sequence, collections.abc.Iterable, collections.abc.Collection)
+
+
+def _type_from_annotation(ann) -> OptionType | None:
+    """The OptionType of a resolved annotation; None when it says nothing a command line can give."""
+    if ann is inspect.Parameter.empty or isinstance(ann, str):
+        return None
+    if ann in _SCALARS:
+        return OptionType(_SCALARS[ann])
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Literal:
+        bases = {type(a) for a in args if a is not None}
+        base = _SCALARS.get(bases.pop(), "any") if len(bases) == 1 else "any"
+        return OptionType(base, None in args, choices=tuple(a for a in args if a is not None))
+    if origin in (typing.Union, types.UnionType):
+        nullable = type(None) in args
+        kinds = [k for k in (_type_from_annotation(a) for a in args if a is not type(None)) if k is not None]
+        bases = {k.base for k in kinds}
+        if len(kinds) == 1:
+            k = kinds[0]
+            return OptionType(k.base, nullable or k.nullable, k.item, k.container, k.choices)
+        if bases == {"int", "float"}:
+            return OptionType("float", nullable)
+        return OptionType("str", nullable) if bases == {"str"} else OptionType("any", nullable)
+    if ann in (list, tuple) or origin in _SEQUENCES:
+        item = _type_from_annotation(args[0]) if args and args[0] is not Ellipsis else None
+        container = tuple if (ann is tuple or origin is tuple) else list
+        return OptionType("list", item=item.base if item and item.base != "list" else "any", container=container)
+    return None
+
+
+def _type_from_default(default) -> OptionType:
+    if default is None or default is inspect.Parameter.empty:
+        return OptionType("any", nullable=default is None)
+    if type(default) in _SCALARS:
+        return OptionType(_SCALARS[type(default)])
+    if isinstance(default, (list, tuple)):
+        items = {_SCALARS.get(type(x), "any") for x in default}
+        return OptionType("list", item=items.pop() if len(items) == 1 else "any", container=type(default))
+    return OptionType("any")
+
+
+def option_types(method: str) -> dict[str, tuple[OptionType, object]]:
+    """``{option: (OptionType, default)}`` for conversion `method`, from its signature (annotations first,
+    then defaults; ``inspect.Parameter.empty`` marks a required option)."""
+    from .conversions.convert import CONVERSIONS, options_of
+
+    fn = CONVERSIONS[method]
+    try:
+        params = inspect.signature(fn, eval_str=True).parameters
+    except Exception:  # an annotation that does not evaluate: fall back to the defaults
+        params = inspect.signature(fn).parameters
+    out = {}
+    for name, default in options_of(method).items():
+        ann = params[name].annotation if name in params else inspect.Parameter.empty
+        kind = _type_from_annotation(ann) or _type_from_default(default)
+        if default is None and not kind.nullable:
+            kind = OptionType(kind.base, True, kind.item, kind.container, kind.choices)
+        out[name] = (kind, default)
+    return out
+
+
+def _auto_value(text: str):
+    low = text.strip().lower()
+    if low in _NONE_WORDS:
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    if text.strip().startswith("[") or "," in text:
+        return [_auto_value(x) for x in text.strip().removeprefix("[").removesuffix("]").split(",") if x.strip()]
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_option(key: str, text: str, kind: OptionType):
+    """`text` as a value of option `key` of type `kind`; ValueError naming the option and what it takes."""
+    low = text.strip().lower()
+    if kind.nullable and low in _NONE_WORDS:
+        return None
+    if kind.base == "any":
+        return _auto_value(text)
+    if kind.base == "list":
+        parts = [x.strip() for x in text.strip().removeprefix("[").removesuffix("]").split(",") if x.strip()]
+        return kind.container(parse_option(f"{key}[{i}]", x, OptionType(kind.item)) for i, x in enumerate(parts))
+    if kind.base == "bool":
+        if low in _TRUE_WORDS | _FALSE_WORDS:
+            return low in _TRUE_WORDS
+        raise ValueError(f"option {key!r} is true or false, got {text!r}")
+    try:
+        value = {"int": int, "float": float, "str": str}[kind.base](text)
+    except ValueError:
+        article = "an integer" if kind.base == "int" else "a number"
+        raise ValueError(f"option {key!r} takes {article}" + (" or none" if kind.nullable else "") +
+                         f", got {text!r}") from None
+    if kind.choices and value not in kind.choices:
+        raise ValueError(f"option {key!r} is one of {', '.join(map(str, kind.choices))}; got {text!r}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. num_kv_heads=1), got {text!r}")
+    return key.strip(), value
+
+
+def _check_method(method: str) -> None:
+    from .conversions.convert import CONVERSIONS
+
+    if method not in CONVERSIONS:
+        raise ValueError(f"unknown conversion {method!r}; the conversions are: {', '.join(CONVERSIONS)}")
+
+
+def conversion_options(method: str, settings, calibration_tokens=None) -> dict:
+    """The typed options of ``--set KEY=VALUE ...`` (``settings``: [(key, text)]) for conversion `method`,
+    checked against its signature before any work: unknown, repeated, command-set or missing options raise."""
+    _check_method(method)
+    types_ = option_types(method)
+    accepted = ", ".join(types_)
+    options = {}
+    for key, text in settings:
+        if key not in types_:
+            raise TypeError(f"conversion {method!r} got unknown option {key!r}; it accepts: {accepted} "
+                            f"(hfa convert --method {method} --help-options lists them with types and defaults)")
+        if key in ("calibration", "tokenizer"):
+            raise ValueError(f"option {key!r} is set by the command ({_CLI_OPTIONS[key]}), not with --set")
+        if key in options:
+            raise ValueError(f"option {key!r} is given twice")
+        options[key] = parse_option(key, text, types_[key][0])
+    if calibration_tokens is not None:
+        if "calibration_tokens" not in types_:
+            raise TypeError(f"conversion {method!r} takes no calibration_tokens (--calibration-tokens); it "
+                            f"accepts: {accepted}")
+        if "calibration_tokens" in options:
+            raise ValueError("calibration_tokens is given twice (--calibration-tokens and --set)")
+        options["calibration_tokens"] = calibration_tokens
+    filled = {"calibration", "tokenizer"}
+    missing = [k for k, (_, d) in types_.items() if d is inspect.Parameter.empty and k not in options and k not in filled]
+    if missing:
+        raise TypeError(f"conversion {method!r} needs option(s) {', '.join(map(repr, missing))}: pass "
+                        + " ".join(f"--set {k}=..." for k in missing) + f" (accepted: {accepted})")
+    return options
+
+
+def format_options(method: str | None = None) -> str:
+    """The text of ``hfa convert [--method NAME] --help-options``: every option with its type and default."""
+    from .conversions.convert import CONVERSIONS
+
+    if method is not None:
+        _check_method(method)
+    lines = []
+    for name in [method] if method else list(CONVERSIONS):
+        fn = CONVERSIONS[name]
+        doc = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
+        lines += [f"--method {name}: {doc}", f"  options (--set KEY=VALUE; {fn.__module__}.{fn.__qualname__}):"]
+        rows = []
+        for key, (kind, default) in option_types(name).items():
+            if key in ("calibration", "tokenizer"):
+                rows.append((key, "", f"set by the command: {_CLI_OPTIONS[key]}"))
+                continue
+            shown = "required" if default is inspect.Parameter.empty else f"default {default!r}"
+            also = f"  (hfa convert: {_CLI_OPTIONS[key]})" if key in _CLI_OPTIONS else ""
+            rows.append((key, kind.describe(), shown + also))
+        w0 = max(len(r[0]) for r in rows) if rows else 0
+        w1 = max(len(r[1]) for r in rows) if rows else 0
+        lines += [f"    {k.ljust(w0)}  {t.ljust(w1)}  {d}".rstrip() for k, t, d in rows]
+        lines.append("")
+    lines.append("Values: none/null for None; true/false for booleans; lists as 0,1,2 or [0,1,2].")
+    return "\n".join(lines)
+
+
+def _text(data, split: str, flag: str):
+    """Calibration/heal/eval text: a bundled corpus name (its `split`), a datasets name, or an existing file
+    or folder. A command line never means a literal string as text, so anything else is a missing file."""
+    from .eval.data import _DATASET_SHORTHANDS, BUNDLED_CORPORA, load_text
+
+    if data is None or data in BUNDLED_CORPORA or data == "bundled":
+        return load_text(None if data == "bundled" else data, split=split)
+    if data.startswith("datasets:") or data in _DATASET_SHORTHANDS:
+        return load_text(data, split=split)
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{flag}: no file or folder at {data!r}; give a UTF-8 text file, a folder of them, "
+                                f"{', '.join(BUNDLED_CORPORA)} (the bundled corpus) or datasets:NAME[:CONFIG]")
+    return load_text(path)
+
+
+def _check_out(out: Path, overwrite: bool, model_arg: str) -> None:
+    """Refuse a bad --out before any work (hfa.save checks again, atomically)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a folder; choose another path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it "
+                              "(only once the new checkpoint is complete), or choose another folder")
+    src = Path(model_arg).expanduser()
+    if src.is_dir():
+        src, target = src.resolve(), out.resolve()
+        if target == src or src in target.parents or target in src.parents:
+            raise ValueError(f"--out {out} is inside MODEL's checkpoint ({src}); a conversion never writes into "
+                             "its source. Choose another folder")
+
+
+def _label(model_name: str, method: str, settings, heal_tokens) -> str:
+    opts = ",".join(f"{k}={v}" for k, v in settings)
+    return f"{model_name} {method}" + (f"({opts})" if opts else "") + (f" +{heal_tokens} heal tokens" if heal_tokens else "")
+
+
+_HEAL_FLAGS = ("heal_data", "stage", "trainable", "seq_len", "batch_size", "lr", "bf16")
+
+
+def run_convert(args) -> int:
+    """`hfa convert`: load, convert, optionally heal and evaluate, then save atomically."""
+    if args.help_options:
+        print(format_options(args.method))
+        return 0
+    if args.method is None:
+        raise ValueError("--method NAME is required (hfa convert --help-options lists the conversions)")
+    _check_method(args.method)
+    if args.model is None or args.out is None:
+        raise ValueError("give MODEL and --out DIR: hfa convert MODEL --method NAME [--set KEY=VALUE ...] --out DIR")
+    settings = args.set or []
+    options = conversion_options(args.method, settings, args.calibration_tokens)
+    accepted = option_types(args.method)
+    if "calibration" not in accepted and (args.calibration is not None or args.no_calibration):
+        raise ValueError(f"conversion {args.method!r} takes no calibration data: drop --calibration/--no-calibration")
+    if args.calibration is not None and args.no_calibration:
+        raise ValueError("--calibration and --no-calibration contradict each other: give one")
+    given = [f"--{f.replace('_', '-')}" for f in _HEAL_FLAGS if getattr(args, f) not in (None, False)]
+    if args.heal_tokens is None and given:
+        raise ValueError(f"{', '.join(given)} only apply with --heal-tokens N (the distillation budget)")
+    if args.heal_tokens is not None and args.heal_tokens < 1:
+        raise ValueError(f"--heal-tokens must be positive, got {args.heal_tokens}")
+    eval_given = [f for f, v in (("--eval-data", args.eval_data), ("--eval-tokens", args.eval_tokens),
+                                 ("--context", args.context)) if v is not None]
+    if eval_given and not args.eval:
+        raise ValueError(f"{', '.join(eval_given)} only apply with --eval")
+    out = Path(args.out).expanduser()
+    _check_out(out, args.overwrite, args.model)
+
+    # read every text before the slow part, so a missing file fails at once
+    calibration = None
+    if "calibration" in accepted and not args.no_calibration:
+        calibration = _text(args.calibration, "calibration", "--calibration")
+    heal_text = _text(args.heal_data, "train", "--heal-data") if args.heal_tokens else None
+    eval_text = _text(args.eval_data, "eval", "--eval-data") if args.eval else None
+
+    import hf_efficient_attn as hfa
+    from .eval.models import load_model
+
+    say = lambda msg: print(f"hfa convert: {msg}", flush=True)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, dtype=args.dtype)
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"{args.model} is not a causal language model ({type(model).__name__}): hfa convert "
+                         "converts decoder checkpoints (e.g. LlamaForCausalLM)")
+    say(f"loaded {args.model} ({type(model).__name__}) in {time.perf_counter() - t0:.1f} s")
+
+    if "tokenizer" in accepted:
+        options["tokenizer"] = tok
+    if calibration is not None:
+        options["calibration"] = list(calibration.documents)
+    if "progress" in accepted and "progress" not in options:
+        options["progress"] = not args.quiet
+    t0 = time.perf_counter()
+    new = hfa.convert(model, args.method, **options)
+    shown = ", ".join(f"{k}={v!r}" for k, v in options.items() if k not in ("calibration", "tokenizer", "progress"))
+    say(f"converted with {args.method}({shown})" + (f", calibration {calibration.name}" if calibration else "")
+        + f" in {time.perf_counter() - t0:.1f} s")
+
+    heal = None
+    if args.heal_tokens:
+        from .conversions import STAGES
+        stage = args.stage or "logits"
+        trainable = args.trainable or (STAGES[stage].default_trainable if stage in STAGES else "kv")
+        res = hfa.distill(new, model, list(heal_text.documents), tokenizer=tok, stage=stage,
+                          max_tokens=args.heal_tokens, seq_len=args.seq_len or 512, batch_size=args.batch_size or 4,
+                          trainable=trainable, lr=args.lr, bf16=True if args.bf16 else None, progress=not args.quiet)
+        new.eval()
+        heal = {"stage": stage, "trainable": trainable, "tokens": res.tokens, "steps": res.steps,
+                "data": heal_text.name, "data_sha256": heal_text.sha256, "first_loss": res.losses[0],
+                "last_loss": res.losses[-1], "seconds": round(res.seconds, 1)}
+        say(f"healed on {res.tokens} tokens of {heal_text.name} ({stage}, trainable={trainable}): loss "
+            f"{res.losses[0]:.4f} -> {res.losses[-1]:.4f} in {res.seconds:.1f} s")
+
+    reports = None
+    if args.eval:  # before saving: a failure here leaves nothing written
+        from .eval.report import evaluate_models, format_table
+        label = _label(args.model, args.method, settings, res.tokens if heal else None)
+        reports = evaluate_models([(args.model, model, tok), (label, new, tok)], eval_text,
+                                  context_length=args.context or 512, max_tokens=args.eval_tokens or 8192,
+                                  speed_contexts=(), progress=not args.quiet)
+        print(format_table(reports), flush=True)
+
+    saved = hfa.save(new, out, tokenizer=tok, overwrite=args.overwrite)
+    say(f"saved {saved} (load it with hf_efficient_attn.load({str(saved)!r}))")
+    if reports is not None:
+        from .eval.report import write_report
+        record = {"command": "hfa convert", "model": args.model, "method": args.method,
+                  "options": {k: v for k, v in options.items() if k not in ("calibration", "tokenizer")},
+                  "calibration": None if calibration is None else {"data": calibration.name,
+                                                                  "sha256": calibration.sha256},
+                  "heal": heal, "checkpoint": str(saved)}
+        files = write_report(reports, saved, extra={"convert": record}, plots=False)
+        say(f"wrote {files['json']}, {files['markdown']}")
+    return 0
+
+
+def _add_convert(sub):
+    p = sub.add_parser(
+        "convert", help="convert MODEL's attention (e.g. --method gqa or mla), optionally heal and evaluate it, "
+                        "and save the checkpoint",
+        description="Convert MODEL with a registered conversion, optionally heal it by distillation from MODEL and "
+                    "compare both on held-out text, then save the checkpoint atomically to --out. Options of the "
+                    "conversion go in --set KEY=VALUE; `hfa convert --method NAME --help-options` lists them.")
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="Hub id, local path, or bundled name (smollm2-135m, gemma3-270m)")
+    p.add_argument("--method", default=None, help="the conversion (see --help-options), e.g. gqa, mla")
+    p.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="an option of the conversion, typed by its signature (repeatable), e.g. --set num_kv_heads=1")
+    p.add_argument("--help-options", action="store_true",
+                   help="list the options of --method (or of every conversion) with types and defaults, and exit")
+    p.add_argument("--out", default=None, metavar="DIR", help="checkpoint folder to write (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out, only once the new checkpoint is complete")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to load MODEL in")
+    g = p.add_argument_group("calibration (for conversions that take calibration text)")
+    g.add_argument("--calibration", default=None, metavar="DATA",
+                   help="text file, folder, 'python-docs' or 'datasets:NAME[:CONFIG]' (default: the calibration "
+                        "split of the bundled corpus)")
+    g.add_argument("--no-calibration", action="store_true", help="pass no calibration text (e.g. mla method=weights)")
+    g.add_argument("--calibration-tokens", type=int, default=None, metavar="N",
+                   help="calibration tokens to read (the conversion's calibration_tokens; default: its own)")
+    g = p.add_argument_group("healing by distillation from MODEL (hfa.distill)")
+    g.add_argument("--heal-tokens", type=int, default=None, metavar="N", help="training tokens (default: no healing)")
+    g.add_argument("--heal-data", default=None, metavar="DATA", help="training text (default: the train split of the "
+                                                                     "bundled corpus)")
+    g.add_argument("--stage", default=None, help="distillation stage (default logits)")
+    g.add_argument("--trainable", default=None,
+                   help="what trains: kv, attention, all, lora, ... (default: the stage's default, kv for logits)")
+    g.add_argument("--seq-len", type=int, default=None, help="tokens per training block (default 512)")
+    g.add_argument("--batch-size", type=int, default=None, help="blocks per step (default 4)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: by --trainable)")
+    g.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast")
+    g = p.add_argument_group("before/after report (perplexity and KV bytes/token, same tokens and protocol)")
+    g.add_argument("--eval", action="store_true",
+                   help="evaluate MODEL and the converted model; prints the table and writes report.json and "
+                        "report.md into --out beside the checkpoint")
+    g.add_argument("--eval-data", default=None, metavar="DATA",
+                   help="held-out text (default: the eval split of the bundled corpus)")
+    g.add_argument("--eval-tokens", type=int, default=None, metavar="N", help="tokens to score (default 8192)")
+    g.add_argument("--context", type=int, default=None, metavar="N", help="tokens per window (default 512)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hfa", description="Efficient attention for Hugging Face models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_patch_check(sub)
     _add_eval(sub)
     _add_demo(sub)
+    _add_convert(sub)
     return parser
 
 
@@ -114,7 +519,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, TypeError) as e:
+    except (ValueError, OSError, ImportError, TypeError) as e:  # OSError: missing files, an existing --out, ...
         # user-facing errors: one clear line, no traceback
         print(f"hfa {args.command}: error: {e}", file=sys.stderr)
         return 2
