@@ -1,6 +1,7 @@
-"""Multi-head latent attention (MLA) as a drop-in for a Llama-family attention module, and its model class.
+"""Multi-head latent attention (MLA) as a drop-in for a Llama or Gemma 3 attention module, and their model classes.
 
     from hf_efficient_attn.attention.mla import LlamaMLAConfig, LlamaMLAForCausalLM, MLAAttention
+    from hf_efficient_attn.attention.mla import Gemma3MLAConfig, Gemma3MLAForCausalLM, Gemma3MLAAttention
 
 The conversion (``hf_efficient_attn.conversions.mla``) builds these from a pretrained model; this module
 holds only the architecture. Notation: C hidden size, Hq query heads, Hkv the original KV heads (now
@@ -36,8 +37,10 @@ layer's ``keys`` slot holds the latents ``(B, 1, T, r)`` and its ``values`` slot
 ``reorder_cache``, ``get_seq_length`` for masks) is then right without a hook, and ``hfa.kv_cache_bytes`` sees
 (r + d_r) values per token per layer. `latent_cache` reads them back by their MLA names.
 
-Checkpoints: ``model_type = "hfa_mla_llama"`` with ``architectures = ["LlamaMLAForCausalLM"]``. Importing this
-module registers both with the Auto classes, so ``hfa.load`` (``AutoModelForCausalLM.from_pretrained``) loads
+Checkpoints: ``model_type = "hfa_mla_llama"`` with ``architectures = ["LlamaMLAForCausalLM"]``, and
+``"hfa_mla_gemma3"`` / ``Gemma3MLAForCausalLM`` (`Gemma3MLAAttention`: the same layer with Gemma's q_norm and
+k_norm; the latent is a linear map of the normed keys and the values). Importing this module registers them
+with the Auto classes, so ``hfa.load`` (``AutoModelForCausalLM.from_pretrained``) loads
 them; stock transformers without this package refuses them (unknown model type) instead of loading a Llama
 with missing k/v projections.
 """
@@ -48,13 +51,16 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoConfig, AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                          LlamaForCausalLM)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
 
 from ..kernels.mla import absorb_query, expand_latent_output, latent_attention_reference
 
-__all__ = ["DECODE_MODES", "LlamaMLAConfig", "LlamaMLAForCausalLM", "MLAAttention", "latent_cache"]
+__all__ = ["DECODE_MODES", "Gemma3MLAAttention", "Gemma3MLAConfig", "Gemma3MLAForCausalLM", "LlamaMLAConfig",
+           "LlamaMLAForCausalLM", "MLAAttention", "latent_cache"]
 
 DECODE_MODES = ("absorbed", "expanded")
 
@@ -71,13 +77,34 @@ class LlamaMLAConfig(LlamaConfig):
 
     def validate_architecture(self):
         super().validate_architecture()
-        if self.kv_lora_rank < 1 or self.mla_rope_dim < 2 or self.mla_rope_dim % 2:
-            raise ValueError(f"an MLA config needs kv_lora_rank >= 1 and an even mla_rope_dim >= 2, got "
-                             f"{self.kv_lora_rank}, {self.mla_rope_dim}")
-        freqs = self.mla_rope_frequencies
-        if freqs is None or len(freqs) != self.num_hidden_layers or any(len(f) != self.mla_rope_dim // 2 for f in freqs):
-            raise ValueError(f"mla_rope_frequencies must hold {self.mla_rope_dim // 2} frequency indices for each of "
-                             f"the {self.num_hidden_layers} layers")
+        _validate_mla_shape(self)
+
+
+class Gemma3MLAConfig(Gemma3TextConfig):
+    """A Gemma 3 text config plus the MLA shape (the fields of `LlamaMLAConfig`). ``mla_rope_frequencies[i]``
+    index layer i's own RoPE (local theta on sliding layers, global on full ones)."""
+
+    model_type = "hfa_mla_gemma3"
+    kv_lora_rank: int = 0
+    mla_rope_dim: int = 0
+    mla_rope_frequencies: list | None = None
+    mla_scaling: float | None = None
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        _validate_mla_shape(self)
+        if self.attn_logit_softcapping is not None or self.use_bidirectional_attention:
+            raise ValueError("Gemma3 MLA supports causal attention without attn_logit_softcapping only")
+
+
+def _validate_mla_shape(cfg):
+    if cfg.kv_lora_rank < 1 or cfg.mla_rope_dim < 2 or cfg.mla_rope_dim % 2:
+        raise ValueError(f"an MLA config needs kv_lora_rank >= 1 and an even mla_rope_dim >= 2, got "
+                         f"{cfg.kv_lora_rank}, {cfg.mla_rope_dim}")
+    freqs = cfg.mla_rope_frequencies
+    if freqs is None or len(freqs) != cfg.num_hidden_layers or any(len(f) != cfg.mla_rope_dim // 2 for f in freqs):
+        raise ValueError(f"mla_rope_frequencies must hold {cfg.mla_rope_dim // 2} frequency indices for each of "
+                         f"the {cfg.num_hidden_layers} layers")
 
 
 def latent_cache(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,11 +148,13 @@ class MLAAttention(nn.Module):
         self.decode_backend = "auto"        # "auto": Triton for one new token on CUDA; "triton"; "reference"
         if config.attention_bias:
             raise ValueError("MLA attention does not support q/k/v/o biases (attention_bias=True)")
+        self.sliding_window = None          # a window (tokens) for the attention implementation, or None
         c, hq, hkv, d, r, dr = (config.hidden_size, self.num_heads, self.num_groups, self.head_dim,
                                 self.kv_lora_rank, self.rope_dim)
+        latent_in, rope_in = self.kv_input_dims()
         self.q_proj = nn.Linear(c, hq * d, bias=False)
-        self.kv_a_proj = nn.Linear(c, r, bias=False)                 # the latent: all the cache holds, with k_rope
-        self.k_rope_proj = nn.Linear(c, dr, bias=False)              # the shared RoPE key, before rotation
+        self.kv_a_proj = nn.Linear(latent_in, r, bias=False)         # the latent: all the cache holds, with k_rope
+        self.k_rope_proj = nn.Linear(rope_in, dr, bias=False)        # the shared RoPE key, before rotation
         self.kv_b_proj = nn.Linear(r, 2 * hkv * d, bias=False)       # rows [K_nope of each group; V of each group]
         self.q_rope_coef = nn.Parameter(torch.ones(hkv, dr // 2))    # q_rope_h[p] = coef[g, p] * q_h[plane f_p]
         self.o_proj = nn.Linear(hq * d, c, bias=False)
@@ -134,6 +163,10 @@ class MLAAttention(nn.Module):
         self.rope_frequency_list = tuple(int(f) for f in config.mla_rope_frequencies[layer_idx])
         assert len(self.rope_frequency_list) == dr // 2, f"layer {layer_idx}: {len(self.rope_frequency_list)} RoPE " \
             f"frequencies for d_r={dr}"
+
+    def kv_input_dims(self) -> tuple[int, int]:
+        """Input sizes of kv_a_proj and k_rope_proj: both read the hidden state x (C) here."""
+        return self.config.hidden_size, self.config.hidden_size
 
     def rope_frequencies(self, device) -> torch.Tensor:
         """(P,) int64: the RoPE frequency index of each plane, on `device` (made per call: a tensor kept from an
@@ -155,12 +188,15 @@ class MLAAttention(nn.Module):
         sin_r = sin[..., f].repeat(1, 1, 2).unsqueeze(1)
         return x * cos_r.to(x.dtype) + rotate_half(x) * sin_r.to(x.dtype)
 
+    def query_heads(self, hidden_states):
+        """The original layer's per-head queries before RoPE, (B, Hq, S, D)."""
+        b, s, _ = hidden_states.shape
+        return self.q_proj(hidden_states).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+
     def queries(self, hidden_states, cos, sin):
         """(q (B, Hq, S, D) unrotated, q_rope (B, Hq, S, d_r) rotated)."""
-        b, s, _ = hidden_states.shape
-        hq, d, p = self.num_heads, self.head_dim, self.rope_dim // 2
         rot = cos.shape[-1]
-        q = self.q_proj(hidden_states).view(b, s, hq, d).transpose(1, 2)            # (B, Hq, S, D)
+        q = self.query_heads(hidden_states)                                         # (B, Hq, S, D)
         f = self.rope_frequencies(q.device)
         planes = torch.cat([q[..., f], q[..., f + rot // 2]], dim=-1)              # (B, Hq, S, d_r)
         coef = self.q_rope_coef.repeat_interleave(self.num_key_value_groups, 0)     # (Hq, P)
@@ -202,6 +238,8 @@ class MLAAttention(nn.Module):
             k, v = self.expand(latent, k_rope)
             interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                                         eager_attention_forward)
+            if self.sliding_window is not None:
+                kwargs["sliding_window"] = self.sliding_window
             out, _ = interface(self, torch.cat([q, q_rope], dim=-1), k, v, attention_mask,
                                dropout=0.0 if not self.training else self.attention_dropout,
                                scaling=self.scaling, **kwargs)                     # (B, S, Hq, D)
@@ -238,5 +276,63 @@ class LlamaMLAForCausalLM(LlamaForCausalLM):
         self.post_init()
 
 
-AutoConfig.register(LlamaMLAConfig.model_type, LlamaMLAConfig, exist_ok=True)
-AutoModelForCausalLM.register(LlamaMLAConfig, LlamaMLAForCausalLM, exist_ok=True)
+class Gemma3MLAAttention(MLAAttention):
+    """MLA replacing a Gemma 3 attention layer: `MLAAttention` with Gemma's per-head RMS norms kept where they were.
+
+    q_norm acts on the queries before anything else, as in Gemma (q_h = q_norm(q_proj(x)_h)). k_norm is not
+    linear in x, so the latent is a linear map of the NORMED keys and the values, not of x:
+        k_n     = k_norm(k_proj(x) per KV head)                  (Hkv D,)  computed for new tokens only
+        latent  = kv_a_proj([k_n ; v_proj(x)])                   (r,)      cached
+        k_rope  = RoPE(k_rope_proj(k_n))                         (d_r,)    cached
+    The cache still holds r + d_r values per token; k_proj and v_proj stay to compute them, and kv_b_proj
+    up-projects K_nope (of the normed keys) and V exactly as for Llama, so absorbed decode is unchanged. At
+    full rank with every RoPE plane kept this is the original layer. Sliding-window layers pass their window to
+    the attention implementation; the model's DynamicCache keeps their last window - 1 latents only.
+    """
+
+    def __init__(self, config: Gemma3MLAConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        c, hkv, d = config.hidden_size, self.num_groups, self.head_dim
+        self.k_proj = nn.Linear(c, hkv * d, bias=False)
+        self.v_proj = nn.Linear(c, hkv * d, bias=False)
+        self.q_norm = Gemma3RMSNorm(dim=d, eps=config.rms_norm_eps)
+        self.k_norm = Gemma3RMSNorm(dim=d, eps=config.rms_norm_eps)
+        if config.layer_types[layer_idx] == "sliding_attention":
+            self.sliding_window = config.sliding_window
+
+    def kv_input_dims(self) -> tuple[int, int]:
+        """kv_a_proj reads [k_n ; v] (2 Hkv D), k_rope_proj reads k_n (Hkv D)."""
+        hkv_d = self.num_groups * self.head_dim
+        return 2 * hkv_d, hkv_d
+
+    def query_heads(self, hidden_states):
+        return self.q_norm(super().query_heads(hidden_states))
+
+    def normed_keys(self, hidden_states):
+        """k_norm(k_proj(x)) per KV head, flattened to (B, S, Hkv D)."""
+        b, s, _ = hidden_states.shape
+        k = self.k_proj(hidden_states).view(b, s, self.num_groups, self.head_dim)
+        return self.k_norm(k).reshape(b, s, -1)
+
+    def latents(self, hidden_states, cos, sin):
+        k_n = self.normed_keys(hidden_states)
+        latent = self.kv_a_proj(torch.cat([k_n, self.v_proj(hidden_states)], dim=-1)).unsqueeze(1)
+        k_rope = self._rope(self.k_rope_proj(k_n).unsqueeze(1), cos, sin)
+        return latent, k_rope
+
+
+class Gemma3MLAForCausalLM(Gemma3ForCausalLM):
+    """A Gemma 3 causal LM whose every attention layer is `Gemma3MLAAttention` (model_type "hfa_mla_gemma3")."""
+
+    config_class = Gemma3MLAConfig
+
+    def __init__(self, config: Gemma3MLAConfig):
+        super().__init__(config)
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn = Gemma3MLAAttention(config, i)
+        self.post_init()
+
+
+for _config, _model in ((LlamaMLAConfig, LlamaMLAForCausalLM), (Gemma3MLAConfig, Gemma3MLAForCausalLM)):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModelForCausalLM.register(_config, _model, exist_ok=True)

@@ -29,30 +29,51 @@ data (the identity when there is none). Per layer, in float64:
 4. **Scale.** The layer keeps the original 1/sqrt(D) (see ``attention.mla``).
 
 KV cache per token and layer: r + d_r values, against 2 Hkv D before.
+
+**qk-norm families (Gemma 3).** Gemma RMS-normalises each query and key head (q_norm, k_norm) before RoPE, so
+keys are not a linear map of x and [K_nope; V] has no factorization in x. It has one in the coordinates
+u = [q_n; k_n; v] (normed queries, normed keys, values), where all three are linear (selections): steps 1-3
+run there unchanged (`_qk_norm_mla_layer`) with Sigma the second moments of u on calibration data
+(`feature_second_moments`), and the latent becomes kv_a_proj([k_n; v]), the RoPE key k_rope_proj(k_n)
+(`attention.mla.Gemma3MLAAttention`). Exact at full rank, like the rest. Without calibration ("weights"),
+Sigma_u is what the weights imply for isotropic x with each norm at its expected scale
+(`weight_feature_moments`). Each layer uses its own RoPE (Gemma: local theta on sliding-window layers).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ..attention.mla import LlamaMLAConfig, LlamaMLAForCausalLM
+from ..attention.mla import Gemma3MLAConfig, Gemma3MLAForCausalLM, LlamaMLAConfig, LlamaMLAForCausalLM
 from .convert import register_conversion
 from .gqa import attention_layers, rotary_dim
 from .io import token_blocks
 
-__all__ = ["METHODS", "MLA_TRAINABLE", "SUPPORTED", "LayerMLA", "attention_metric", "expected_rotation", "convert_mla", "input_second_moments", "mla_layer",
-           "mla_ranks"]
+__all__ = ["METHODS", "MLA_TRAINABLE", "SUPPORTED", "Family", "LayerMLA", "attention_metric", "convert_mla",
+           "expected_rotation", "feature_second_moments", "input_second_moments", "mla_layer", "mla_ranks",
+           "weight_feature_moments"]
 
 METHODS = ("weights", "activations", "attention")
-SUPPORTED = {"llama": (LlamaMLAConfig, LlamaMLAForCausalLM)}
+
+
+class Family(NamedTuple):
+    """How one model family becomes MLA: its MLA config and model classes, and whether it has per-head q/k RMS
+    norms (then the factorization works on the normed features, see "qk-norm families" above)."""
+
+    config_cls: type
+    model_cls: type
+    qk_norm: bool
+
+
+SUPPORTED = {"llama": Family(LlamaMLAConfig, LlamaMLAForCausalLM, qk_norm=False),
+             "gemma3_text": Family(Gemma3MLAConfig, Gemma3MLAForCausalLM, qk_norm=True)}
 UNSUPPORTED = {
-    "gemma3_text": "Gemma3 RMS-normalises each key head (k_norm) before RoPE, so keys are not a linear map of the "
-                   "input and [K_nope; V] has no weight factorization; it also mixes sliding-window layers. It needs "
-                   "an MLA module with the norm on the up-projected keys, not written yet",
-    "qwen3": "Qwen3 RMS-normalises each key head (k_norm) before RoPE: keys are not a linear map of the input",
+    "qwen3": "Qwen3 RMS-normalises each key head (k_norm) before RoPE; the Gemma3 MLA module handles that, but no "
+             "Qwen3 MLA model class is written yet",
 }
 
 
@@ -66,6 +87,11 @@ def _check_family(model):
                          f"supported: {', '.join(SUPPORTED)}")
     if getattr(model.config, "attention_bias", False):
         raise ValueError("MLA conversion needs attention without q/k/v/o biases (config.attention_bias=True here)")
+    if getattr(model.config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"MLA conversion does not support attention logit soft-capping (config.attn_logit_softcapping="
+                         f"{model.config.attn_logit_softcapping}): the absorbed decode has no softcap")
+    if getattr(model.config, "use_bidirectional_attention", False):
+        raise ValueError("MLA conversion needs causal attention (config.use_bidirectional_attention=True here)")
     return SUPPORTED[model_type]
 
 
@@ -96,6 +122,24 @@ def _check_ranks(model, kv_lora_rank, rope_dim):
 
 # -- calibration --------------------------------------------------------------------------------------
 
+def _calibrate(model, input_ids: torch.Tensor, batch_size: int, progress: bool, handles) -> None:
+    """Run `model` over `input_ids` (n, L) in batches with the hooks `handles` attached, then remove them."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        batches = input_ids.split(batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+            batches = tqdm(batches, desc="calibration", unit="batch")
+        for ids in batches:
+            model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def input_second_moments(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = False):
     """Per attention layer, Sigma = X^T X / N (C, C) float64 of its input hidden states on `input_ids` (n, L)."""
@@ -113,21 +157,65 @@ def input_second_moments(model, input_ids: torch.Tensor, batch_size: int = 4, pr
         return fn
 
     handles = [attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, attn in enumerate(layers)]
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        batches = input_ids.split(batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-            batches = tqdm(batches, desc="calibration", unit="batch")
-        for ids in batches:
-            model(input_ids=ids.to(device), use_cache=False)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    _calibrate(model, input_ids, batch_size, progress, handles)
     return [s / max(count[0], 1) for s in sums]
+
+
+@torch.no_grad()
+def feature_second_moments(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = False):
+    """qk-norm families: per attention layer, the second moments of u = [q_n (Hq D); k_n (Hkv D); v (Hkv D)]
+    (normed queries and keys before RoPE, values) on `input_ids`, as (q blocks (Hq, D, D), kv block
+    (2 Hkv D, 2 Hkv D)) float64. `mla_layer` never reads the q-q cross-head or q-kv terms, so they are not kept."""
+    layers = attention_layers(model)
+    sums_q = [0.0] * len(layers)
+    sums_kv = [0.0] * len(layers)
+    values, count = {}, [0]
+
+    def on_v(i):
+        def fn(mod, args, out):
+            values[i] = out.detach().reshape(-1, out.shape[-1])                  # (B S, Hkv D)
+        return fn
+
+    def on_q(i):
+        def fn(mod, args, out):                                               # (B, Hq, S, D)
+            q = out.detach().double()
+            sums_q[i] = sums_q[i] + torch.einsum("bhsd,bhse->hde", q, q).cpu()
+        return fn
+
+    def on_k(i):
+        def fn(mod, args, out):                                               # (B, Hkv, S, D)
+            k = out.detach().transpose(1, 2).reshape(-1, out.shape[1] * out.shape[-1])
+            u = torch.cat([k, values.pop(i)], dim=-1).double()
+            sums_kv[i] = sums_kv[i] + (u.T @ u).cpu()
+            if i == 0:
+                count[0] += u.shape[0]
+        return fn
+
+    handles = []
+    for i, attn in enumerate(layers):
+        handles += [attn.v_proj.register_forward_hook(on_v(i)), attn.q_norm.register_forward_hook(on_q(i)),
+                    attn.k_norm.register_forward_hook(on_k(i))]
+    _calibrate(model, input_ids, batch_size, progress, handles)
+    n = max(count[0], 1)
+    return [(q / n, kv / n) for q, kv in zip(sums_q, sums_kv)]
+
+
+def weight_feature_moments(attn, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """qk-norm families without data: Sigma_u = M M^T (Cu, Cu) float64 for u = [q_n; k_n; v] ~ M x with x ~ N(0, I)
+    and each per-head norm at its expected scale (RMS norm of W_h x -> (1 + w) W_h x / (||W_h||_F / sqrt(D)));
+    the analogue of the Llama "weights" method's identity Sigma."""
+    d = attn.head_dim
+    c = attn.q_proj.weight.shape[1]
+
+    def normed(lin, norm, heads):
+        w = lin.weight.detach().double().cpu().reshape(heads, d, c)
+        rms = w.pow(2).sum((1, 2)).div(d).sqrt().clamp_min(1e-12)               # (heads,)
+        gain = 1.0 + norm.weight.detach().double().cpu()                         # Gemma's RMSNorm: x * (1 + w)
+        return (gain[None, :, None] * w / rms[:, None, None]).reshape(heads * d, c)
+
+    m = torch.cat([normed(attn.q_proj, attn.q_norm, num_heads), normed(attn.k_proj, attn.k_norm, num_kv_heads),
+                   attn.v_proj.weight.detach().double().cpu()])
+    return m @ m.T
 
 
 # -- one layer ----------------------------------------------------------------------------------------
@@ -186,10 +274,13 @@ def attention_metric(q_w, o_w, sigma, num_kv_heads):
 
 def mla_layer(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, sigma: torch.Tensor, rotary: int,
               kv_lora_rank: int, rope_dim: int, method: str, o_w: torch.Tensor | None = None,
-              inv_freq: torch.Tensor | None = None, rope_distance: int = 512) -> LayerMLA:
+              inv_freq: torch.Tensor | None = None, rope_distance: int = 512,
+              factor_sigma: torch.Tensor | None = None) -> LayerMLA:
     """Steps 1-3 of the module docstring for one layer. q_w (Hq, D, C), k_w and v_w (Hkv, D, C), sigma (C, C),
     o_w (C, Hq, D) (used by method "attention"); inv_freq (R/2,): when given, the RoPE planes that lose their
-    rotation keep its average over query-key distances 0 .. rope_distance - 1 (`expected_rotation`)."""
+    rotation keep its average over query-key distances 0 .. rope_distance - 1 (`expected_rotation`).
+    factor_sigma (C, C): method "weights" factorizes by PCA under it instead of the SVD of the weights (which
+    is PCA under the identity); qk-norm families pass their weight-implied moments (`weight_feature_moments`)."""
     hq, d, c = q_w.shape
     hkv = k_w.shape[0]
     assert k_w.shape == v_w.shape == (hkv, d, c) and sigma.shape == (c, c) and hq % hkv == 0
@@ -232,13 +323,13 @@ def mla_layer(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, sigma: to
     alpha = math.sqrt(e_v / e_k) if e_k > 1e-12 * max(e_v, 1e-300) else 1.0
     scale = torch.cat([torch.full((hkv * d,), alpha), torch.ones(hkv * d)]).to(stack)
     balanced = stack * scale[:, None]
-    if method == "weights":
+    if method == "weights" and factor_sigma is None:
         uu, s, vh = torch.linalg.svd(balanced, full_matrices=False)
         down = s[:kv_lora_rank, None] * vh[:kv_lora_rank]                       # (r, C)
         basis = uu[:, :kv_lora_rank]                                             # (2 Hkv D, r)
         spectrum = s.pow(2)
     else:
-        cov = balanced @ sigma @ balanced.T                                      # (2 Hkv D, 2 Hkv D)
+        cov = balanced @ (sigma if factor_sigma is None else factor_sigma) @ balanced.T   # (2 Hkv D, 2 Hkv D)
         ev, evec = torch.linalg.eigh(cov)
         basis = evec.flip(-1)[:, :kv_lora_rank]
         down = basis.T @ balanced
@@ -253,12 +344,46 @@ def mla_layer(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, sigma: to
                     kv_energy_kept=kept_energy, rope_key_energy_kept=rope_energy, kv_balance=alpha)
 
 
+def _layer_inv_freqs(model, num_layers: int) -> list[torch.Tensor]:
+    """Each layer's RoPE inv_freq (R/2,): per layer type where the model has several (Gemma 3: local theta on
+    sliding layers, global on full ones), else the one buffer."""
+    rotary = getattr(model.get_decoder(), "rotary_emb", None)
+    types = getattr(model.config, "layer_types", None)
+    if rotary is not None and types and all(hasattr(rotary, f"{t}_inv_freq") for t in types):
+        return [getattr(rotary, f"{t}_inv_freq").detach().cpu() for t in types]
+    inv_freq = next(b for n, b in model.named_buffers() if n.endswith("inv_freq") and "original" not in n)
+    return [inv_freq.detach().cpu()] * num_layers
+
+
+def _qk_norm_mla_layer(attn, moments, o_w, hq, hkv, rotary, kv_lora_rank, rope_dim, method, inv_freq,
+                       rope_distance) -> LayerMLA:
+    """`mla_layer` for a layer with per-head q/k norms, in the coordinates u = [q_n (Hq D); k_n (Hkv D); v (Hkv D)]
+    where queries, keys and values are linear (selections): the RoPE key and the latent come out as maps of
+    k_n and [k_n; v] (`Gemma3MLAAttention`). moments: `feature_second_moments` of this layer, or None (then
+    the weight-implied ones). Method "weights" factorizes under the weight-implied moments."""
+    d = attn.head_dim
+    nq, nk = hq * d, hkv * d
+    eye = torch.eye(nq + 2 * nk, dtype=torch.float64)
+    q_u, k_u, v_u = (eye[a:b].reshape(-1, d, nq + 2 * nk) for a, b in ((0, nq), (nq, nq + nk), (nq + nk, nq + 2 * nk)))
+    implied = weight_feature_moments(attn, hq, hkv)
+    sigma = implied if moments is None else torch.block_diag(*moments[0], moments[1])
+    lay = mla_layer(q_u, k_u, v_u, sigma, rotary, kv_lora_rank, rope_dim, method, o_w, inv_freq, rope_distance,
+                    factor_sigma=implied if method == "weights" else None)
+    for name, cols in (("k_rope_proj", slice(nq, nq + nk)), ("kv_a_proj", slice(nq, nq + 2 * nk))):
+        w = lay[name]
+        rest = torch.cat([w[:, :cols.start], w[:, cols.stop:]], dim=1)
+        assert rest.abs().max() <= 1e-9 * w.abs().max().clamp_min(1e-300), f"{name} reads the queries"
+        lay[name] = w[:, cols]
+    return lay
+
+
 # -- the conversion -----------------------------------------------------------------------------------
 
 def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "attention", calibration=None,
                 tokenizer=None, calibration_tokens: int = 16384, seq_len: int = 512, batch_size: int = 4,
                 dropped_rope: str = "keep", rope_distance: int = 512, progress: bool = False):
-    """A copy of `model` with MLA attention (`model` is not modified): a `LlamaMLAForCausalLM`.
+    """A copy of `model` with MLA attention (`model` is not modified): a `LlamaMLAForCausalLM` from a Llama, a
+    `Gemma3MLAForCausalLM` from a Gemma 3 text model.
 
     kv_lora_rank: r, the latent size (1 .. 2 Hkv D - rope_dim; the maximum is lossless). rope_dim: d_r, the
     size of the RoPE key shared by all heads (even, 2 .. Hkv * rotary_dim; the maximum keeps every RoPE
@@ -272,7 +397,7 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "attentio
     RoPE key become: ``"keep"`` (unrotated, MHA2MLA) or ``"expected"`` (their rotation averaged over
     distances 0 .. rope_distance - 1, `expected_rotation`).
     """
-    config_cls, model_cls = _check_family(model)
+    family = _check_family(model)
     _check_ranks(model, kv_lora_rank, rope_dim)
     if method not in METHODS:
         raise ValueError(f"unknown MLA method {method!r}; the methods are: {', '.join(METHODS)}")
@@ -291,32 +416,37 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "attentio
               "dropped_rope": dropped_rope,
               "kv_values_per_token_layer": [2 * hkv * d, kv_lora_rank + rope_dim],
               "source": getattr(model, "name_or_path", None) or None}
+    moments = None
     if calibration is not None:
         ids = token_blocks(tokenizer, calibration, seq_len, calibration_tokens)
-        sigmas = input_second_moments(model, ids, batch_size, progress)
+        moments = (feature_second_moments if family.qk_norm else input_second_moments)(model, ids, batch_size,
+                                                                                        progress)
         record.update(calibration_tokens=int(ids.numel()), seq_len=seq_len)
-    else:
-        sigmas = [torch.eye(c, dtype=torch.float64)] * len(layers)
 
-    inv_freq = next(b for n, b in model.named_buffers() if n.endswith("inv_freq") and "original" not in n).cpu()
+    inv_freqs = _layer_inv_freqs(model, len(layers))
     per_layer = []
     for i, attn in enumerate(layers):
-        w = lambda lin, h: lin.weight.detach().double().cpu().reshape(h, d, c)
         o_w = attn.o_proj.weight.detach().double().cpu().reshape(c, hq, d)
-        per_layer.append(mla_layer(w(attn.q_proj, hq), w(attn.k_proj, hkv), w(attn.v_proj, hkv), sigmas[i], rot,
-                                   kv_lora_rank, rope_dim, method, o_w,
-                                   inv_freq if dropped_rope == "expected" else None, rope_distance))
+        inv_freq = inv_freqs[i] if dropped_rope == "expected" else None
+        if family.qk_norm:
+            per_layer.append(_qk_norm_mla_layer(attn, None if moments is None else moments[i], o_w, hq, hkv, rot,
+                                                kv_lora_rank, rope_dim, method, inv_freq, rope_distance))
+            continue
+        w = lambda lin, h: lin.weight.detach().double().cpu().reshape(h, d, c)
+        sigma = torch.eye(c, dtype=torch.float64) if moments is None else moments[i]
+        per_layer.append(mla_layer(w(attn.q_proj, hq), w(attn.k_proj, hkv), w(attn.v_proj, hkv), sigma, rot,
+                                   kv_lora_rank, rope_dim, method, o_w, inv_freq, rope_distance))
 
     # -- the new model: the same weights, MLA attention
     base = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
-    new_cfg = config_cls(**base, kv_lora_rank=kv_lora_rank, mla_rope_dim=rope_dim,
+    new_cfg = family.config_cls(**base, kv_lora_rank=kv_lora_rank, mla_rope_dim=rope_dim,
                          mla_rope_frequencies=[lay["frequencies"].tolist() for lay in per_layer],
-                         mla_scaling=float(layers[0].scaling), architectures=[model_cls.__name__])
+                         mla_scaling=float(layers[0].scaling), architectures=[family.model_cls.__name__])
     new_cfg._attn_implementation = cfg._attn_implementation
     param = next(model.parameters())
-    new = model_cls(new_cfg).to(dtype=param.dtype, device=param.device)
-    state = {k: v for k, v in model.state_dict().items()
-             if not any(f".self_attn.{n}." in k for n in ("k_proj", "v_proj"))}
+    new = family.model_cls(new_cfg).to(dtype=param.dtype, device=param.device)
+    dropped = () if family.qk_norm else ("k_proj", "v_proj")      # qk-norm layers still compute k_n and v
+    state = {k: v for k, v in model.state_dict().items() if not any(f".self_attn.{n}." in k for n in dropped)}
     for i, lay in enumerate(per_layer):
         for name in ("q_rope_coef", "k_rope_proj", "kv_a_proj", "kv_b_proj"):
             key = f"model.layers.{i}.self_attn.{name}" + ("" if name == "q_rope_coef" else ".weight")
