@@ -470,5 +470,8 @@ MLA_NEW_MODULES = ("kv_a_proj", "kv_b_proj", "k_rope_proj", "q_rope_coef")
 
 def MLA_TRAINABLE(name: str, param) -> bool:  # noqa: N802 - a constant-like selector for hfa.distill(trainable=...)
     """`distill(trainable=MLA_TRAINABLE)`: every attention weight of an MLA model (the new latent, RoPE-key and
-    up-projections, the RoPE query coefficients, q_proj and o_proj)."""
-    return any(part in (*MLA_NEW_MODULES, "q_proj", "o_proj") for part in name.split("."))
+    up-projections, the RoPE query coefficients, q_proj and o_proj; in qk-norm families also k_proj, v_proj and
+    the q/k norms, which feed the latent)."""
+    parts = name.split(".")
+    return "self_attn" in parts and any(
+        part in (*MLA_NEW_MODULES, "q_proj", "o_proj", "k_proj", "v_proj", "q_norm", "k_norm") for part in parts)
