@@ -1,7 +1,9 @@
-"""Convert a Llama-family model to multi-head latent attention (MLA) and check what it costs.
+"""Convert a Llama or Gemma 3 model to multi-head latent attention (MLA) and check what it costs.
 
     python examples/convert_mla.py                      # a tiny random Llama: seconds, no downloads
+    python examples/convert_mla.py --model tiny-gemma3  # a tiny random Gemma 3 (q/k norms, sliding windows)
     python examples/convert_mla.py --model smollm2-135m --rank 224 --rope-dim 32 --tokens 2048   # the real one
+    python examples/convert_mla.py --model gemma3-270m --rank 224 --rope-dim 32 --tokens 1024
 
 Shows: (1) at full rank with every RoPE plane kept the MLA model reproduces the original logits; (2) a lower
 rank caches (r + d_r) values per token and layer instead of 2 x KV heads x head_dim, measured on the real
@@ -28,16 +30,38 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(cfg).eval(), None
 
 
+def tiny_gemma3():
+    cfg = transformers.Gemma3TextConfig(vocab_size=256, hidden_size=96, intermediate_size=192, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                        query_pre_attn_scalar=32, sliding_window=16,
+                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                        max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)    # norms start at exactly 0 (= gain 1): make them matter
+    return model, None
+
+
+def cached_tokens(model, tokens):
+    """Tokens each layer's cache holds after `tokens` tokens: sliding-window layers keep their last window - 1."""
+    cfg = model.config
+    return [min(tokens, cfg.sliding_window - 1) if t == "sliding_attention" else tokens
+            for t in (getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny", help="'tiny' (random Llama), or a bundled name / local path")
+    ap.add_argument("--model", default="tiny",
+                    help="'tiny' (random Llama), 'tiny-gemma3' (random Gemma 3), or a bundled name / local path")
     ap.add_argument("--rank", type=int, default=None, help="kv_lora_rank of the lossy model (default: half of full)")
     ap.add_argument("--rope-dim", type=int, default=None, help="rope_dim of the lossy model (default: one head dim)")
     ap.add_argument("--tokens", type=int, default=64, help="tokens of the probe sequence")
     args = ap.parse_args(argv)
 
-    if args.model == "tiny":
-        model, tok = tiny_llama()
+    if args.model in ("tiny", "tiny-gemma3"):
+        model, tok = tiny_llama() if args.model == "tiny" else tiny_gemma3()
         calibration = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
     else:
         from hf_efficient_attn.eval import load_model, load_text
@@ -62,9 +86,11 @@ def main(argv=None):
     before, after = (kv_cache_bytes(m, tokens=args.tokens) / args.tokens for m in (model, new))
     with torch.no_grad():
         err = (new(ids).logits - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()
+    held = cached_tokens(model, args.tokens)
+    windows = "" if len(set(held)) == 1 else f" (tokens cached per layer {held}: sliding windows)"
     print(f"r={rank} d_r={rope_dim}: KV cache {after:.0f} B/token vs {before:.0f} ({100 * after / before:.1f}%), "
-          f"expected (r + d_r) x layers x 4 = {(rank + rope_dim) * model.config.num_hidden_layers * 4}; "
-          f"relative RMS logit error {err:.3f}")
+          f"expected (r + d_r) x cached tokens x 4 / tokens = {(rank + rope_dim) * sum(held) * 4 / args.tokens:g}"
+          f"{windows}; relative RMS logit error {err:.3f}")
 
     # (3) the latent cache in generate()
     prompt = ids[:, :8]

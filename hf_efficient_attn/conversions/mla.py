@@ -42,6 +42,7 @@ Sigma_u is what the weights imply for isotropic x with each norm at its expected
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple
 
@@ -126,6 +127,8 @@ def _calibrate(model, input_ids: torch.Tensor, batch_size: int, progress: bool, 
     """Run `model` over `input_ids` (n, L) in batches with the hooks `handles` attached, then remove them."""
     was_training = model.training
     model.eval()
+    # only the attention inputs matter: skip the (tokens, vocab) logits (2 GB a batch for Gemma's 262k vocabulary)
+    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     try:
         device = next(model.parameters()).device
         batches = input_ids.split(batch_size)
@@ -133,7 +136,7 @@ def _calibrate(model, input_ids: torch.Tensor, batch_size: int, progress: bool, 
             from tqdm.auto import tqdm
             batches = tqdm(batches, desc="calibration", unit="batch")
         for ids in batches:
-            model(input_ids=ids.to(device), use_cache=False)
+            model(input_ids=ids.to(device), use_cache=False, **kwargs)
     finally:
         model.train(was_training)
         for h in handles:
