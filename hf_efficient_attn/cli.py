@@ -1,4 +1,6 @@
-"""The `hfa` command. Each subcommand lives with the layer that does the work; this file only parses."""
+"""The `hfa` command. Each subcommand lives with the layer that does the work; this file parses. `hfa convert` is
+the one exception: it only chains public calls of the layers below (`convert`, `distill`, `save`,
+`evaluate_models`), so its few lines of orchestration live here with its option typing."""
 
 from __future__ import annotations
 
@@ -139,6 +141,8 @@ class OptionType:
     choices: tuple | None = None            # typing.Literal values
 
     def describe(self) -> str:
+        if self.base == "any":
+            return "any (read as none, true/false, a number or text; a list needs [..] or a comma)"
         name = f"{self.base} of {self.item}" if self.base == "list" else self.base
         if self.choices:
             name += f" (one of {', '.join(map(str, self.choices))})"
@@ -251,9 +255,10 @@ def parse_option(key: str, text: str, kind: OptionType):
 
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
-    if not sep or not key.strip().isidentifier():
+    key = key.strip().replace("-", "_")         # --set num-kv-heads=1 reads like the other flags
+    if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. num_kv_heads=1), got {text!r}")
-    return key.strip(), value
+    return key, value
 
 
 def _check_method(method: str) -> None:
@@ -357,6 +362,49 @@ def _label(model_name: str, method: str, settings, heal_tokens) -> str:
     return f"{model_name} {method}" + (f"({opts})" if opts else "") + (f" +{heal_tokens} heal tokens" if heal_tokens else "")
 
 
+def _trainable(spec: str):
+    """--trainable: a name distill knows (kv, attention, all, lora, ...) or MODULE:FUNCTION, a selector
+    ``(name, param) -> bool`` such as hf_efficient_attn.conversions.mla:MLA_TRAINABLE."""
+    if ":" not in spec:
+        return spec
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--trainable {spec}: cannot import it ({e}); give MODULE:FUNCTION with FUNCTION(name, "
+                         "param) -> bool, or a name: kv, attention, all, lora") from None
+    if not callable(fn):
+        raise ValueError(f"--trainable {spec} is a {type(fn).__name__}, not a function (name, param) -> bool")
+    return fn
+
+
+def _default_trainable(method: str, stage: str):
+    """What heals by default: the selector the conversion registered under its own name in `TRAINABLE` (what it
+    changed), else the stage's default (``kv`` for logits)."""
+    from .conversions import STAGES, TRAINABLE
+
+    if method in TRAINABLE:
+        return method
+    return STAGES[stage].default_trainable if stage in STAGES else "kv"
+
+
+def _check_trainable(student, trainable, defaulted: bool) -> None:
+    """Fail with the fix when a named selector picks nothing (e.g. kv after a conversion that replaced k/v)."""
+    from .conversions import TRAINABLE
+
+    if not isinstance(trainable, str) or trainable not in TRAINABLE:
+        return   # lora, a callable, or an unknown name: hfa.distill decides and says why
+    if any(TRAINABLE[trainable](n, p) for n, p in student.named_parameters()):
+        return
+    how = "the default --trainable" if defaulted else "--trainable"
+    raise ValueError(f"{how} {trainable} selects no parameter of the converted {type(student).__name__}; pass "
+                     f"--trainable with one of {', '.join(t for t in TRAINABLE if t != trainable)}, lora, or "
+                     "MODULE:FUNCTION (a selector (name, param) -> bool, e.g. "
+                     "hf_efficient_attn.conversions.mla:MLA_TRAINABLE for MLA)")
+
+
 _HEAL_FLAGS = ("heal_data", "stage", "trainable", "seq_len", "batch_size", "lr", "bf16")
 
 
@@ -394,6 +442,7 @@ def run_convert(args) -> int:
     if "calibration" in accepted and not args.no_calibration:
         calibration = _text(args.calibration, "calibration", "--calibration")
     heal_text = _text(args.heal_data, "train", "--heal-data") if args.heal_tokens else None
+    trainable_spec = _trainable(args.trainable) if args.trainable else None
     eval_text = _text(args.eval_data, "eval", "--eval-data") if args.eval else None
 
     import hf_efficient_attn as hfa
@@ -421,17 +470,17 @@ def run_convert(args) -> int:
 
     heal = None
     if args.heal_tokens:
-        from .conversions import STAGES
         stage = args.stage or "logits"
-        trainable = args.trainable or (STAGES[stage].default_trainable if stage in STAGES else "kv")
+        trainable = trainable_spec or _default_trainable(args.method, stage)
+        _check_trainable(new, trainable, args.trainable is None)
         res = hfa.distill(new, model, list(heal_text.documents), tokenizer=tok, stage=stage,
                           max_tokens=args.heal_tokens, seq_len=args.seq_len or 512, batch_size=args.batch_size or 4,
                           trainable=trainable, lr=args.lr, bf16=True if args.bf16 else None, progress=not args.quiet)
         new.eval()
-        heal = {"stage": stage, "trainable": trainable, "tokens": res.tokens, "steps": res.steps,
+        heal = {"stage": stage, "trainable": args.trainable or trainable, "tokens": res.tokens, "steps": res.steps,
                 "data": heal_text.name, "data_sha256": heal_text.sha256, "first_loss": res.losses[0],
                 "last_loss": res.losses[-1], "seconds": round(res.seconds, 1)}
-        say(f"healed on {res.tokens} tokens of {heal_text.name} ({stage}, trainable={trainable}): loss "
+        say(f"healed on {res.tokens} tokens of {heal_text.name} ({stage}, trainable={heal['trainable']}): loss "
             f"{res.losses[0]:.4f} -> {res.losses[-1]:.4f} in {res.seconds:.1f} s")
 
     reports = None
@@ -488,7 +537,8 @@ def _add_convert(sub):
                                                                      "bundled corpus)")
     g.add_argument("--stage", default=None, help="distillation stage (default logits)")
     g.add_argument("--trainable", default=None,
-                   help="what trains: kv, attention, all, lora, ... (default: the stage's default, kv for logits)")
+                   help="what trains: kv, attention, all, lora, or MODULE:FUNCTION, a selector (name, param) -> "
+                        "bool (default: the selector registered under the method's name, else kv)")
     g.add_argument("--seq-len", type=int, default=None, help="tokens per training block (default 512)")
     g.add_argument("--batch-size", type=int, default=None, help="blocks per step (default 4)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: by --trainable)")

