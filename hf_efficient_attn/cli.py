@@ -365,7 +365,12 @@ def _label(model_name: str, method: str, settings, heal_tokens) -> str:
 def _trainable(spec: str):
     """--trainable: a name distill knows (kv, attention, all, lora, ...) or MODULE:FUNCTION, a selector
     ``(name, param) -> bool`` such as hf_efficient_attn.conversions.mla:MLA_TRAINABLE."""
+    from .conversions import TRAINABLE
+
     if ":" not in spec:
+        if spec not in TRAINABLE and spec != "lora":
+            raise ValueError(f"unknown --trainable {spec!r}; use one of {', '.join([*TRAINABLE, 'lora'])} or "
+                             "MODULE:FUNCTION, a selector (name, param) -> bool")
         return spec
     import importlib
 
@@ -443,6 +448,9 @@ def run_convert(args) -> int:
         calibration = _text(args.calibration, "calibration", "--calibration")
     heal_text = _text(args.heal_data, "train", "--heal-data") if args.heal_tokens else None
     trainable_spec = _trainable(args.trainable) if args.trainable else None
+    from .conversions import STAGES
+    if args.stage is not None and args.stage not in STAGES:
+        raise ValueError(f"unknown --stage {args.stage!r}; the stages are: {', '.join(STAGES)}")
     eval_text = _text(args.eval_data, "eval", "--eval-data") if args.eval else None
 
     import hf_efficient_attn as hfa

@@ -294,6 +294,11 @@ def test_errors_are_one_clear_line(tmp_path, llama_dir, text_file, capsys):
     err = _error(capsys, ["convert", llama_dir, "--method", "gqa", "--set", "num_kv_heads=1", "--heal-data",
                           text_file, "--out", out])
     assert err == "hfa convert: error: --heal-data only apply with --heal-tokens N (the distillation budget)"
+    heal = ["--heal-tokens", "64", "--heal-data", text_file, "--out", out]
+    err = _error(capsys, ["convert", llama_dir, *GQA, *heal, "--stage", "vibes"])
+    assert err.startswith("hfa convert: error: unknown --stage 'vibes'; the stages are: logits")
+    err = _error(capsys, ["convert", llama_dir, *GQA, *heal, "--trainable", "kvv"])
+    assert err.startswith("hfa convert: error: unknown --trainable 'kvv'; use one of kv, attention, all")
     err = _error(capsys, ["convert", llama_dir, "--method", "gqa", "--set", "num_kv_heads=1", "--eval-tokens", "9",
                           "--out", out])
     assert err == "hfa convert: error: --eval-tokens only apply with --eval"
