@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check of the Triton softmax kernels, in one command (installs nothing):
+# The GPU check of the Triton kernels (softmax and linear attention), in one command (installs nothing):
 #   1. the kernel tests on CUDA: pytest -m "triton_interpret or gpu" tests/kernels
 #   2. the benchmarks: kernels/bench_attention.py --quick (Triton vs torch SDPA, flash-attn if installed)
-# Logs and JSON go to $OUT (default ./out); the short table is printed last. Sized to finish in
+#   3. kernels/bench_linear.py --quick (Triton linear attention vs its PyTorch chunked form and softmax)
+# Logs and JSON go to $OUT (default ./out); the short tables are printed last. Sized to finish in
 # under 8 minutes on one H100 (each step has its own time limit, so a hang cannot eat the budget).
 #   OUT=/tmp/out bash kernels/gpu_check.sh
 set -uo pipefail
@@ -30,12 +31,21 @@ echo "== benchmark (limit 240 s) =="
 timeout 240 python kernels/bench_attention.py --quick --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 
+echo "== linear attention benchmark (limit 150 s) =="
+timeout 150 python kernels/bench_linear.py --quick --json "$OUT/bench_linear.json" > "$OUT/bench_linear.log" 2>&1
+linear_rc=$?
+
 echo
-echo "== summary after $((SECONDS - start)) s: tests rc=$tests_rc, benchmark rc=$bench_rc =="
+echo "== summary after $((SECONDS - start)) s: tests rc=$tests_rc, benchmark rc=$bench_rc, linear benchmark rc=$linear_rc =="
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 1
 if [ "$bench_rc" -eq 0 ]; then
   grep -E "^(#|\|)" "$OUT/bench.log"
 else
   tail -n 30 "$OUT/bench.log"
 fi
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+if [ "$linear_rc" -eq 0 ]; then
+  grep -E "^(#|\|)" "$OUT/bench_linear.log"
+else
+  tail -n 30 "$OUT/bench_linear.log"
+fi
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$linear_rc" -eq 0 ]
