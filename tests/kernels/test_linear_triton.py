@@ -21,12 +21,19 @@ pytestmark = pytest.mark.triton_interpret
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_inputs(B=1, H=2, Hkv=1, T=17, F=12, D=20, dtype=torch.float32, decay=False, state=False, seed=0):
-    """Positive features (like the Hedgehog / elu+1 maps), Gaussian values, decay in [exp(-0.3), 1]."""
+def make_inputs(B=1, H=2, Hkv=1, T=17, F=12, D=20, dtype=torch.float32, decay=False, state=False, seed=0,
+                bshd=False):
+    """Positive features (like the Hedgehog / elu+1 maps), Gaussian values, decay in [exp(-0.3), 1]; with
+    bshd=True q, k, v are [B, H, T, *] views of [B, T, H, *] memory (as HF projections give them)."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.rand(B, H, T, F, generator=g) + 0.05
-    k = torch.rand(B, Hkv, T, F, generator=g) + 0.05
-    v = torch.randn(B, Hkv, T, D, generator=g)
+
+    def make(rand, heads, dim):
+        if bshd:
+            return rand(B, T, heads, dim, generator=g).transpose(1, 2)
+        return rand(B, heads, T, dim, generator=g)
+    q = make(torch.rand, H, F) + 0.05
+    k = make(torch.rand, Hkv, F) + 0.05
+    v = make(torch.randn, Hkv, D)
     ld = -torch.rand(B, Hkv, T, generator=g) * 0.3 if decay else None
     s0 = (torch.rand(B, Hkv, F, D, generator=g), torch.rand(B, Hkv, F, generator=g)) if state else None
     move = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
@@ -79,6 +86,7 @@ CASES = {
     "t100-gqa3-plain-chunk64": dict(T=100, H=3, Hkv=1, chunk_size=64, state=True),
     "t100-decay-no-normalize-f20-d12-chunk32": dict(T=100, H=2, Hkv=2, F=20, D=12, decay=True, normalize=False,
                                                     state=True, return_state=True, chunk_size=32),
+    "bshd-views-gqa2-decay-chunk128": dict(T=37, H=4, Hkv=2, B=2, decay=True, bshd=True, chunk_size=128),
     "t33-f80-d72-blocks-decay": dict(T=33, H=2, Hkv=1, F=80, D=72, decay=True, state=True, return_state=True),
     "fp16-t100-gqa3-decay-state": dict(dtype=torch.float16, T=100, H=3, Hkv=1, decay=True, state=True,
                                        return_state=True, chunk_size=32),

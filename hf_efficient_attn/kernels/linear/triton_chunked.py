@@ -597,6 +597,7 @@ def _linear_fwd(q, k, v, log_decay, s0, z0, *, normalize, eps, cu_seqlens, chunk
         ld.stride(0), ld.stride(1), H, Hkv, H // Hkv, T, NT, eps,
         F=F, D=D, BT=BT, BK=BK, BV=BV, HAS_DECAY=log_decay is not None, NORMALIZE=normalize,
         IS_VARLEN=cu is not None, UPCAST=upcast, PRECISION=precision, F32_PRECISION=_f32_precision(q.dtype),
+        num_warps=8 if BT >= 128 else 4,
     )
     return out, den, st, zt
 
@@ -674,7 +675,7 @@ def _linear_bwd(do, dst, dzt, q, k, v, log_decay, s0, z0, out, den, *, normalize
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
             ld.stride(0), ld.stride(1), H, Hkv, G, T, NT, eps,
-            F32_PRECISION=f32, **common,
+            F32_PRECISION=f32, num_warps=8 if BT * BK >= 64 * 64 else 4, **common,  # five [BT, BK|BT] fp32 tiles
         )
     else:  # no token: nothing flows to q, k, v
         dq.zero_(), dk.zero_(), dv.zero_()
