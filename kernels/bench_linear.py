@@ -119,7 +119,8 @@ def main(argv=None):
                 triton_fwd_tflops=tflops(flops, tri_fwd), triton_bwd_tflops=tflops(2 * flops, tri_bwd),
                 torch_chunked_fwd_ms=ch_fwd, torch_chunked_bwd_ms=ch_bwd,
                 softmax_flash_fwd_ms=sm_fwd, softmax_flash_bwd_ms=sm_bwd,
-                softmax_flash_fwd_tflops=tflops(sm_flops, sm_fwd), softmax_flash_bwd_tflops=tflops(2.5 * sm_flops, sm_bwd),
+                softmax_flash_fwd_tflops=tflops(sm_flops, sm_fwd),
+                softmax_flash_bwd_tflops=tflops(2.5 * sm_flops, sm_bwd),
                 rel_err_vs_torch_chunked=rel_err(tri_out, ch_out),
             ))
             del tri_out, ch_out

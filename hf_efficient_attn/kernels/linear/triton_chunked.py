@@ -43,7 +43,6 @@ head) updates its slice of the state and reads it with all query heads of the GQ
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 
 import torch
