@@ -123,6 +123,22 @@ def test_no_grad_path_and_fp32_state_from_fp16():
     assert_close_rms(s, rs, torch.float16, name="S")
 
 
+def test_gradient_through_the_state_alone():
+    """out unused (no gradient arrives for it): k, v, log_decay and the initial state still get theirs."""
+    q, k, v, ld, s0 = make_inputs(T=37, H=3, Hkv=1, decay=True, state=True)
+    leaves = [t.clone().requires_grad_() for t in (k, v, ld, *s0)]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    _, (s, z) = linear_attention_triton(q, *leaves[:2], log_decay=leaves[2], initial_state=tuple(leaves[3:]),
+                                        return_state=True)
+    _, (rs, rz) = linear_attention_reference(q.double(), *ref_leaves[:2], log_decay=ref_leaves[2],
+                                             initial_state=tuple(ref_leaves[3:]), return_state=True)
+    ws, wz = torch.randn_like(rs), torch.randn_like(rz)
+    grads = torch.autograd.grad((s.double() * ws).sum() + (z.double() * wz).sum(), leaves)
+    ref_grads = torch.autograd.grad((rs * ws).sum() + (rz * wz).sum(), ref_leaves)
+    for name, g, rg in zip(("dk", "dv", "dlog_decay", "dS0", "dz0"), grads, ref_grads):
+        assert_close_rms(g, rg, torch.float32, name=name)
+
+
 def test_chunk_size_does_not_change_the_result():
     q, k, v, ld, s0 = make_inputs(T=70, H=2, Hkv=1, decay=True, state=True)
     outs = [linear_attention_triton(q, k, v, log_decay=ld, initial_state=s0, chunk_size=c) for c in (16, 32, 128)]
