@@ -15,7 +15,7 @@ temperature), optionally plus the next-token cross-entropy. A later conversion w
 need their own objective (linear attention: layer-wise attention-output transfer) adds a `Stage`
 with `register_stage`; ``"attention"`` is reserved for it.
 
-What trains (`trainable`): ``"kv"`` (k/v projections: all that GQA pooling changed), ``"attention"``
+What trains (`trainable`; None: the stage's default, "kv" for "logits"): ``"kv"`` (k/v projections: all that GQA pooling changed), ``"attention"``
 (all attention projections), ``"all"``, ``"lora"`` (LoRA adapters on the attention projections
 through peft, merged into the weights at the end), or a callable ``(name, param) -> bool``.
 
@@ -205,7 +205,7 @@ class DistillResult:
 
 
 def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", max_tokens: int = 100_000,
-            seq_len: int = 512, batch_size: int = 4, trainable="kv", lr: float | None = None,
+            seq_len: int = 512, batch_size: int = 4, trainable=None, lr: float | None = None,
             weight_decay: float = 0.0, warmup: float = 0.05, grad_clip: float | None = 1.0,
             kl_weight: float = 1.0, ce_weight: float = 0.0, temperature: float = 1.0,
             lora_rank: int = 8, lora_alpha: int = 16, lora_targets=None,
@@ -227,6 +227,7 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
     if student is teacher:
         raise ValueError("student and teacher are the same object: distill a converted copy (hfa.convert returns one)")
     stage_obj = _stage(stage, student)
+    trainable = stage_obj.default_trainable if trainable is None else trainable
     if student.config.vocab_size != teacher.config.vocab_size:
         raise ValueError(f"student and teacher vocabularies differ ({student.config.vocab_size} vs "
                          f"{teacher.config.vocab_size}): distillation compares their next-token distributions")

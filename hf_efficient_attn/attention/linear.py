@@ -1,0 +1,406 @@
+"""Linear attention (LoLCATs / Hedgehog) as a drop-in for the attention layers of a Llama-family model.
+
+    from hf_efficient_attn.attention.linear import LinearAttention, linear_model_class, FEATURE_MAPS
+
+The conversion (``hf_efficient_attn.conversions.linear``) builds these from a pretrained model; this module
+holds the architecture: feature maps, the attention module, its cache layer and the model classes.
+
+Per layer, the original q/k/v/o projections (and q/k norms, RoPE, scaling) are kept as they were; only the
+softmax over all past keys is replaced:
+
+* ``window = w > 0`` (the LoLCATs hybrid): exact softmax over the last w keys (the query's own included) and
+  linear attention ``phi_q(q) . phi_k(k)`` over every older key, one shared normaliser, a trained per-head mix
+  ``g = sigmoid(window_factor)`` (see ``kernels.linear.reference`` for the formula);
+* ``window = 0``: pure linear attention over every key.
+
+Feature maps (`FEATURE_MAPS`), applied per head AFTER RoPE, to queries (one map per query head) and keys (one per
+KV head — a GQA group shares its state):
+    "hedgehog": phi(x) = [softmax(x W_h + b_h), softmax(-(x W_h + b_h))]   (2 x feature_dim; W_h starts at identity)
+    "elu":      phi(x) = elu(x) + 1                                          (no parameters; a baseline)
+    "relu":     phi(x) = relu(x)                                             (no parameters; a baseline)
+
+The cache: the model's own ``DynamicCache`` is used; on first use each linear layer swaps its (still empty) cache
+layer for a `LinearAttentionCacheLayer`, which holds the fp32 state ``S = sum phi(k) v^T`` and normaliser
+``z = sum phi(k)`` of every key older than the next token's window, plus the raw keys and values of the last
+``w - 1`` tokens. Its size does not depend on how many tokens came before: decoding costs the same at token 100
+and at token 100,000. ``get_seq_length`` still counts every token seen, so positions and masks stay right.
+Cropping (assisted decoding) cannot undo a state update and raises.
+
+Checkpoints: the model classes are made per family (`linear_model_class`): model_type ``hfa_linear_<family>``
+(e.g. ``hfa_linear_llama``) with the options in ``config.hfa_linear``. Importing this module registers them
+with the Auto classes, so ``hfa.load`` loads them; stock transformers without this package refuses them
+(unknown model type) instead of loading a softmax model with the feature maps ignored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..kernels.linear.reference import (
+    hybrid_attention_chunked,
+    hybrid_attention_reference,
+    linear_attention_chunked,
+    linear_attention_recurrent,
+    linear_attention_reference,
+)
+
+__all__ = ["FEATURE_MAPS", "FAMILIES", "LinearAttention", "LinearAttentionCacheLayer", "linear_model_class",
+           "make_feature_map"]
+
+
+# -- feature maps ---------------------------------------------------------------------------------------
+
+class HedgehogFeatureMap(nn.Module):
+    """phi(x) = [softmax(x W_h + b_h), softmax(-(x W_h + b_h))] per head h: (B, heads, S, D) -> (B, heads, S, 2 F).
+
+    W_h starts at the identity (F = D) or its first F columns, so the initial map is a softmax over the
+    (rotated) query/key coordinates — the Hedgehog paper's spiky, monotone approximation of exp(q.k)."""
+
+    def __init__(self, heads: int, head_dim: int, feature_dim: int | None = None):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.feature_dim = feature_dim or head_dim
+        self.weight = nn.Parameter(torch.empty(heads, head_dim, self.feature_dim))
+        self.bias = nn.Parameter(torch.empty(heads, self.feature_dim))
+        self.reset_parameters()
+
+    @property
+    def out_dim(self) -> int:
+        return 2 * self.feature_dim
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            eye = torch.eye(self.head_dim, self.feature_dim, dtype=self.weight.dtype, device=self.weight.device)
+            self.weight.copy_(eye.expand_as(self.weight))
+            self.bias.zero_()
+
+    def forward(self, x):
+        u = torch.einsum("bhsd,hdf->bhsf", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype)[None, :, None]
+        return torch.cat([torch.softmax(u.float(), -1), torch.softmax(-u.float(), -1)], -1).to(x.dtype)
+
+
+class EluFeatureMap(nn.Module):
+    """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020): positive, no parameters."""
+
+    def __init__(self, heads: int, head_dim: int, feature_dim: int | None = None):
+        super().__init__()
+        self.out_dim = head_dim
+
+    def reset_parameters(self) -> None:
+        pass
+
+    def forward(self, x):
+        return F.elu(x) + 1
+
+
+class ReluFeatureMap(EluFeatureMap):
+    """phi(x) = relu(x): non-negative, no parameters (a row whose features are all 0 reads nothing: eps guards it)."""
+
+    def forward(self, x):
+        return F.relu(x)
+
+
+FEATURE_MAPS = {"hedgehog": HedgehogFeatureMap, "elu": EluFeatureMap, "relu": ReluFeatureMap}
+
+
+def make_feature_map(name: str, heads: int, head_dim: int, feature_dim: int | None = None) -> nn.Module:
+    if name not in FEATURE_MAPS:
+        raise ValueError(f"unknown feature_map {name!r}; the feature maps are: {', '.join(FEATURE_MAPS)}")
+    return FEATURE_MAPS[name](heads, head_dim, feature_dim)
+
+
+# -- the cache layer ------------------------------------------------------------------------------------
+
+class LinearAttentionCacheLayer(CacheLayerMixin):
+    """One linear layer's decoding state: fp32 ``state`` (B, Hkv, F, D) and ``normalizer`` (B, Hkv, F) over every
+    key older than the next token's window, and ``keys``/``values`` (B, Hkv, <= w - 1, D) of the window."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+        self.state = self.normalizer = None
+        self.seen = 0
+
+    def lazy_initialization(self, key_states, value_states=None) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("a linear-attention cache layer is read and written by its LinearAttention module "
+                           "(read / write), not through Cache.update: this layer index belongs to a linear layer")
+
+    def read(self):
+        """(context keys, context values, (state, normalizer)) — all None before the first token."""
+        state = None if self.state is None else (self.state, self.normalizer)
+        return self.keys, self.values, state
+
+    def write(self, keys, values, state, new_tokens: int) -> None:
+        if not self.is_initialized:
+            self.lazy_initialization(keys)
+        self.keys, self.values = keys, values
+        self.state, self.normalizer = state
+        self.seen += new_tokens
+
+    def get_seq_length(self, *args) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query, *args) -> tuple[int, int]:
+        q_len = query if isinstance(query, int) else int(query.shape[0])   # query length or cache_position
+        return self.seen + q_len, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def _tensors(self):
+        return ("keys", "values", "state", "normalizer")
+
+    def _apply(self, fn) -> None:
+        for name in self._tensors():
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reset(self) -> None:
+        self.keys = self.values = self.state = self.normalizer = None
+        self.seen = 0
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx) -> None:
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices) -> None:
+        self._apply(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise ValueError("a linear-attention cache cannot be cropped: its state has already absorbed the tokens "
+                             "(assisted/speculative decoding needs a softmax model)")
+
+    def offload(self):
+        self._apply(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        self._apply(lambda t: t.to(self.device, non_blocking=True))
+
+
+def _cache_layer(cache, layer_idx: int, window: int) -> LinearAttentionCacheLayer:
+    """The linear cache layer at `layer_idx` of a transformers Cache, swapped in on first use."""
+    layers = cache.layers
+    while len(layers) <= layer_idx:             # a lazily grown cache (DynamicCache() without a config)
+        layers.append(DynamicLayer())
+    layer = layers[layer_idx]
+    if not isinstance(layer, LinearAttentionCacheLayer):
+        if layer.get_seq_length() > 0:
+            raise ValueError(f"layer {layer_idx} is a linear-attention layer but the cache passed in already holds "
+                             f"softmax keys/values for it ({type(layer).__name__}); start from an empty cache")
+        layer = layers[layer_idx] = LinearAttentionCacheLayer(window)
+    return layer
+
+
+def key_padding(attention_mask, kv_len: int):
+    """The (B, kv_len) bool mask of real keys (True = attend) from whatever the model built, or None.
+
+    2-D: a key-padding mask (the "hfa" implementation's compressed form); 4-D bool or additive (B, 1, S, T):
+    the last query row (it may attend every real key before it). Only the last `kv_len` keys are returned."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4:
+        row = attention_mask[:, 0, -1, :]
+        mask = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    elif attention_mask.dim() == 2:
+        mask = attention_mask.bool()
+    else:
+        raise ValueError(f"unexpected attention mask of shape {tuple(attention_mask.shape)}")
+    mask = mask[:, -kv_len:]
+    return None if bool(mask.all()) else mask
+
+
+# -- the attention module -------------------------------------------------------------------------------
+
+# rows*keys above which the PyTorch path switches from the quadratic form to the chunked one (memory)
+QUADRATIC_LIMIT = 1024 * 1024
+
+
+class LinearAttention(nn.Module):
+    """Linear (window=0) or hybrid sliding-window + linear attention in place of a softmax attention layer.
+
+    Reuses the original module's q/k/v/o projections (and q_norm/k_norm where the family has them); adds the
+    feature maps ``feature_map_q`` (per query head) and ``feature_map_k`` (per KV head), and for the hybrid the
+    per-head mix ``window_factor`` (g = sigmoid(window_factor)). forward(hidden_states, position_embeddings,
+    attention_mask, cache) -> (out (B, S, C), None), the contract of the modules it replaces.
+    """
+
+    def __init__(self, config, layer_idx: int, base: nn.Module | None = None):
+        super().__init__()
+        opts = config.hfa_linear
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.window = int(opts["window"])
+        self.eps = float(opts.get("eps", 1e-6))
+        self.backend = "auto"          # "auto" | "reference" (quadratic) | "chunked" | "triton"
+        if base is None:
+            base = _family_attention(config)(config, layer_idx)
+        self.scaling = base.scaling
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+            if hasattr(base, name):
+                setattr(self, name, getattr(base, name))
+        fm, fdim = opts["feature_map"], opts.get("feature_dim")
+        self.feature_map_q = make_feature_map(fm, self.num_heads, self.head_dim, fdim)
+        self.feature_map_k = make_feature_map(fm, self.num_kv_heads, self.head_dim, fdim)
+        if self.window:
+            self.window_factor = nn.Parameter(torch.full((self.num_heads,), float(opts.get("window_factor_init", 0.0))))
+
+    def reset_linear_parameters(self) -> None:
+        """Feature maps to their initial state, the mix to sigmoid(init)."""
+        self.feature_map_q.reset_parameters()
+        self.feature_map_k.reset_parameters()
+        if self.window:
+            with torch.no_grad():
+                self.window_factor.fill_(0.0)
+
+    def project(self, hidden_states, position_embeddings):
+        """(q (B, H, S, D), k (B, Hkv, S, D), v (B, Hkv, S, D)) after norms and RoPE: the original layer's view."""
+        b, s, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim)
+        k = self.k_proj(hidden_states).view(b, s, -1, self.head_dim)
+        v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return q, k, v
+
+    def attend(self, q, k, v, kpm=None, state=None, return_state=False, context: int = 0):
+        """Attention of q (B, H, S, D) over k, v (B, Hkv, context + S, D) and an earlier state -> (out, state)."""
+        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        rows, keys = q.shape[2], k.shape[2]
+        if self.window:
+            opts = dict(window=self.window, window_factor=torch.sigmoid(self.window_factor.float()),
+                        scale=self.scaling, eps=self.eps, initial_state=state, return_state=return_state,
+                        key_padding_mask=kpm)
+            quadratic = self.backend == "reference" or (self.backend == "auto" and rows * keys <= QUADRATIC_LIMIT)
+            if quadratic:
+                res = hybrid_attention_reference(q, k, v, fq, fk, **opts)
+            else:
+                res = hybrid_attention_chunked(q, k, v, fq, fk, chunk_size=256, **opts)
+        else:
+            if kpm is not None:                   # a padded key adds nothing to the state or the normaliser
+                fk = fk * kpm[:, None, :, None].to(fk.dtype)
+            opts = dict(eps=self.eps, initial_state=state, return_state=return_state)
+            if rows == 1 and state is not None:
+                res = linear_attention_recurrent(fq, fk, v, **opts)
+            elif self.backend == "reference" or (self.backend == "auto" and rows * keys <= QUADRATIC_LIMIT):
+                res = linear_attention_reference(fq, fk, v, **opts)
+            else:
+                res = linear_attention_chunked(fq, fk, v, chunk_size=256, **opts)
+        return res if return_state else (res, None)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None,
+                **kwargs):
+        if cache is None:                  # the keyword was past_key_values before transformers 5.24
+            cache = past_key_values
+        b, s, _ = hidden_states.shape
+        q, k, v = self.project(hidden_states, position_embeddings)
+        if cache is None:
+            out, _ = self.attend(q, k, v, key_padding(attention_mask, k.shape[2]))
+        else:
+            layer = _cache_layer(cache, self.layer_idx, self.window)
+            ctx_k, ctx_v, state = layer.read()
+            if ctx_k is not None and ctx_k.shape[2]:
+                k, v = torch.cat([ctx_k, k], 2), torch.cat([ctx_v, v], 2)
+            out, state = self.attend(q, k, v, key_padding(attention_mask, k.shape[2]), state, return_state=True)
+            keep = max(self.window - 1, 0)
+            layer.write(k[:, :, k.shape[2] - min(keep, k.shape[2]):], v[:, :, v.shape[2] - min(keep, v.shape[2]):],
+                        state, s)
+        out = out.transpose(1, 2).reshape(b, s, -1)
+        return self.o_proj(out), None
+
+
+# -- model classes, one per family ------------------------------------------------------------------------
+
+# model_type -> (config class, causal-LM class, attention class), by name in transformers
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "models.llama.modeling_llama.LlamaAttention"),
+    "mistral": ("MistralConfig", "MistralForCausalLM", "models.mistral.modeling_mistral.MistralAttention"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "models.qwen2.modeling_qwen2.Qwen2Attention"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "models.qwen3.modeling_qwen3.Qwen3Attention"),
+}
+_CLASSES: dict[str, tuple[type, type]] = {}
+
+
+def _resolve(path: str):
+    import importlib
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(f"transformers.{module}"), name)
+
+
+def _family_attention(config):
+    return _resolve(FAMILIES[config.hfa_linear["family"]][2])
+
+
+def linear_model_class(family: str) -> tuple[type, type]:
+    """(config class, model class) of the linear-attention variant of `family` (a key of FAMILIES), registered
+    with AutoConfig / AutoModelForCausalLM as model_type ``hfa_linear_<family>``."""
+    if family in _CLASSES:
+        return _CLASSES[family]
+    if family not in FAMILIES:
+        raise ValueError(f"linear attention supports the families {', '.join(FAMILIES)}; got {family!r}")
+    import transformers
+    cfg_name, lm_name, _ = FAMILIES[family]
+    base_cfg, base_lm = getattr(transformers, cfg_name), getattr(transformers, lm_name)
+    model_type = f"hfa_linear_{family}"
+
+    def validate(self):
+        base_cfg.validate_architecture(self) if hasattr(base_cfg, "validate_architecture") else None
+        opts = getattr(self, "hfa_linear", None)
+        if not opts or "feature_map" not in opts or "window" not in opts:
+            raise ValueError(f"a {model_type} config needs hfa_linear = {{feature_map, window, softmax_layers, ...}}")
+
+    cfg_cls = type(f"{cfg_name.removesuffix('Config')}LinearConfig", (base_cfg,),
+                   {"model_type": model_type, "hfa_linear": None, "validate_architecture": validate,
+                    "__doc__": f"A {cfg_name} plus ``hfa_linear``: the linear-attention options."})
+
+    def __init__(self, config):
+        base_lm.__init__(self, config)
+        keep = set(config.hfa_linear.get("softmax_layers") or [])
+        for i, layer in enumerate(self.model.layers):
+            if i not in keep:
+                layer.self_attn = LinearAttention(config, i, base=layer.self_attn)
+        self.post_init()
+        for layer in self.model.layers:               # post_init's init does not know the feature maps
+            if isinstance(layer.self_attn, LinearAttention):
+                layer.self_attn.reset_linear_parameters()
+
+    lm_cls = type(f"{lm_name.removesuffix('ForCausalLM')}LinearForCausalLM", (base_lm,),
+                  {"config_class": cfg_cls, "__init__": __init__,
+                   "__doc__": f"A {lm_name} whose attention layers (all but hfa_linear['softmax_layers']) are "
+                              "LinearAttention."})
+    cfg_cls.__module__ = lm_cls.__module__ = __name__
+    AutoConfig.register(model_type, cfg_cls, exist_ok=True)
+    AutoModelForCausalLM.register(cfg_cls, lm_cls, exist_ok=True)
+    _CLASSES[family] = (cfg_cls, lm_cls)
+    return cfg_cls, lm_cls
+
+
+for _family in FAMILIES:                # register every family now, so hfa.load finds any saved checkpoint
+    linear_model_class(_family)
