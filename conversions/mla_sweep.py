@@ -19,19 +19,37 @@ from pathlib import Path
 import torch
 
 from hf_efficient_attn.conversions import convert, distill
+from hf_efficient_attn.conversions.distill import logits_loss
+from hf_efficient_attn.conversions.io import token_blocks
 from hf_efficient_attn.conversions.mla import MLA_TRAINABLE
 from hf_efficient_attn.eval import kv_cache_bytes, load_model, load_text, perplexity
 
 PROBE_TOKENS = 256       # KV bytes/token are measured on a cache of this many tokens (inside Gemma's 512 window)
 
 
-def parse_args(argv, description, model, ranks, out, calibration_tokens=16384, eval_tokens=8192):
+@torch.no_grad()
+def probe_kl(student, teacher, ids: torch.Tensor) -> float:
+    """Mean KL(teacher || student) per token on FIXED held-out blocks `ids` (n, L), one block at a time. The heal's
+    per-step loss is measured on a new training batch each step, so it mixes the improvement with how hard
+    each batch is; this is the same text before and after."""
+    was = student.training
+    student.eval()
+    try:
+        return sum(logits_loss(student, teacher, block[None])[0].item() for block in ids) / len(ids)
+    finally:
+        student.train(was)
+
+
+def parse_args(argv, description, model, ranks, out, calibration_tokens=16384, eval_tokens=8192,
+               rope_ranking="norms"):
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default=model, help="bundled name, local checkpoint or Hub id")
     ap.add_argument("--ranks", default=ranks, help="comma-separated kv_lora_rank:rope_dim")
     ap.add_argument("--method", default="attention", choices=["weights", "activations", "attention"])
     ap.add_argument("--dropped-rope", default="keep", choices=["keep", "expected"],
                     help="RoPE planes left out of the RoPE key: unrotated, or their rotation averaged over distances")
+    ap.add_argument("--rope-ranking", default=rope_ranking, choices=["norms", "rotation"],
+                    help="RoPE planes kept: by |q_f||k_f| (MHA2MLA), or that times how much each plane turns")
     ap.add_argument("--calibration-tokens", type=int, default=calibration_tokens)
     ap.add_argument("--eval-tokens", type=int, default=eval_tokens)
     ap.add_argument("--context", type=int, default=512)
@@ -74,21 +92,28 @@ def run(args):
     for r, dr in _points(args.ranks):
         t0 = time.time()
         new = convert(model, "mla", kv_lora_rank=r, rope_dim=dr, method=args.method, calibration=calib,
-                      tokenizer=tok, calibration_tokens=args.calibration_tokens, dropped_rope=args.dropped_rope)
+                      tokenizer=tok, calibration_tokens=args.calibration_tokens, dropped_rope=args.dropped_rope,
+                      rope_ranking=args.rope_ranking)
         rec = new.hfa_conversions[-1]
         info = {"kv_lora_rank": r, "rope_dim": dr, "method": args.method, "dropped_rope": args.dropped_rope,
+                "rope_ranking": args.rope_ranking,
                 "healed_tokens": 0,
                 "convert_seconds": round(time.time() - t0, 1), "kv_energy_kept": rec["kv_energy_kept"],
                 "rope_key_energy_kept": rec["rope_key_energy_kept"]}
         measure(f"mla r={r} d_r={dr}", new, info)
         if (r, dr) in heal and args.heal_tokens:
+            probe = token_blocks(tok, held_out, args.heal_seq_len, 4 * args.heal_seq_len)[:4]
+            kl_before = probe_kl(new, model, probe)
             t0 = time.time()
             res = distill(new, model, train, tokenizer=tok, max_tokens=args.heal_tokens, seq_len=args.heal_seq_len,
                           batch_size=4, trainable=MLA_TRAINABLE, lr=args.heal_lr, progress=False)
+            seconds = round(time.time() - t0, 1)
             new.eval()
             measure(f"mla r={r} d_r={dr} healed", new,
-                    {**info, "healed_tokens": res.tokens, "heal_seconds": round(time.time() - t0, 1),
-                     "first_loss": res.losses[0], "last_loss": sum(res.losses[-5:]) / len(res.losses[-5:])})
+                    {**info, "healed_tokens": res.tokens, "heal_seconds": seconds, "step_losses": res.losses,
+                     "first_loss": res.losses[0], "last_loss": sum(res.losses[-5:]) / len(res.losses[-5:]),
+                     "probe_kl_before": kl_before, "probe_kl_after": probe_kl(new, model, probe),
+                     "probe_tokens": int(probe.numel())})
         del new
 
     print(f"\n{'model':<32}{'ppl':>9}{'Δppl':>9}{'KV B/token':>12}{'KV %':>8}")
@@ -97,7 +122,8 @@ def run(args):
               f"{row['kv_bytes_per_token']:>12.0f}{100 * row['kv_bytes_per_token'] / base['kv_bytes_per_token']:>7.1f}%")
     print(f"protocol: held-out python-docs eval split, first {rows[0]['tokens']} tokens, disjoint {args.context}-token "
           f"windows; KV bytes/token from the real cache over {PROBE_TOKENS} tokens; calibration "
-          f"{args.calibration_tokens} tokens; method {args.method}, dropped RoPE planes {args.dropped_rope}")
+          f"{args.calibration_tokens} tokens; method {args.method}, RoPE planes ranked by {args.rope_ranking}, dropped ones "
+          f"{args.dropped_rope}")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     try:
         import matplotlib

@@ -55,7 +55,7 @@ from .gqa import attention_layers, rotary_dim
 from .io import token_blocks
 
 __all__ = ["METHODS", "MLA_TRAINABLE", "SUPPORTED", "Family", "LayerMLA", "attention_metric", "convert_mla",
-           "expected_rotation", "feature_second_moments", "input_second_moments", "mla_layer", "mla_ranks",
+           "expected_rotation", "feature_second_moments", "rotation_weight", "input_second_moments", "mla_layer", "mla_ranks",
            "weight_feature_moments"]
 
 METHODS = ("weights", "activations", "attention")
@@ -256,6 +256,14 @@ def expected_rotation(k_nope: torch.Tensor, inv_freq: torch.Tensor, rotary: int,
     return out
 
 
+def rotation_weight(inv_freq: torch.Tensor, distance: int) -> torch.Tensor:
+    """(R/2,) E_t ||I - R(theta_f t)|| = E_t 2 |sin(theta_f t / 2)| over distances t = 0 .. distance - 1: how far
+    dropping plane f's rotation moves its score term, per unit of ||q_f|| ||k_f||. Near 0 for planes that turn
+    little over `distance` (they are nearly position-free already), up to 4/pi for fast ones."""
+    t = torch.arange(distance, dtype=torch.float64)
+    return (inv_freq.double()[:, None] * t[None, :] / 2).sin().abs().mul(2).mean(1)
+
+
 def attention_metric(q_w, o_w, sigma, num_kv_heads):
     """Block-diagonal (2 Hkv D, 2 Hkv D) pair (T, T^-1) that measures K/V errors as attention feels them:
     a key error dk of group a changes the scores of its query heads by q_h . dk, so keys are weighted by
@@ -278,12 +286,13 @@ def attention_metric(q_w, o_w, sigma, num_kv_heads):
 def mla_layer(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, sigma: torch.Tensor, rotary: int,
               kv_lora_rank: int, rope_dim: int, method: str, o_w: torch.Tensor | None = None,
               inv_freq: torch.Tensor | None = None, rope_distance: int = 512,
-              factor_sigma: torch.Tensor | None = None) -> LayerMLA:
+              factor_sigma: torch.Tensor | None = None, plane_weight: torch.Tensor | None = None) -> LayerMLA:
     """Steps 1-3 of the module docstring for one layer. q_w (Hq, D, C), k_w and v_w (Hkv, D, C), sigma (C, C),
     o_w (C, Hq, D) (used by method "attention"); inv_freq (R/2,): when given, the RoPE planes that lose their
     rotation keep its average over query-key distances 0 .. rope_distance - 1 (`expected_rotation`).
     factor_sigma (C, C): method "weights" factorizes by PCA under it instead of the SVD of the weights (which
-    is PCA under the identity); qk-norm families pass their weight-implied moments (`weight_feature_moments`)."""
+    is PCA under the identity); qk-norm families pass their weight-implied moments (`weight_feature_moments`).
+    plane_weight (R/2,): multiplies each frequency's ranking score (`rotation_weight`)."""
     hq, d, c = q_w.shape
     hkv = k_w.shape[0]
     assert k_w.shape == v_w.shape == (hkv, d, c) and sigma.shape == (c, c) and hq % hkv == 0
@@ -302,6 +311,8 @@ def mla_layer(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, sigma: to
     # -- 2. rank the planes (f, j) and keep the top P
     weight = u[:, :, g_of].abs()                                                 # (R/2, Hkv_j, Hq)
     score = torch.einsum("fjh,hf->fj", weight, q_energy.sqrt()) * z_energy.sqrt()   # (R/2, Hkv)
+    if plane_weight is not None:
+        score = score * plane_weight.to(score)[:, None]
     top = torch.topk(score.flatten(), p_keep).indices
     f_idx, j_idx = top // hkv, top % hkv
     order = torch.argsort(f_idx * hkv + j_idx)                                   # sorted by frequency, for reading
@@ -359,7 +370,7 @@ def _layer_inv_freqs(model, num_layers: int) -> list[torch.Tensor]:
 
 
 def _qk_norm_mla_layer(attn, moments, o_w, hq, hkv, rotary, kv_lora_rank, rope_dim, method, inv_freq,
-                       rope_distance) -> LayerMLA:
+                       rope_distance, plane_weight=None) -> LayerMLA:
     """`mla_layer` for a layer with per-head q/k norms, in the coordinates u = [q_n (Hq D); k_n (Hkv D); v (Hkv D)]
     where queries, keys and values are linear (selections): the RoPE key and the latent come out as maps of
     k_n and [k_n; v] (`Gemma3MLAAttention`). moments: `feature_second_moments` of this layer, or None (then
@@ -371,7 +382,7 @@ def _qk_norm_mla_layer(attn, moments, o_w, hq, hkv, rotary, kv_lora_rank, rope_d
     implied = weight_feature_moments(attn, hq, hkv)
     sigma = implied if moments is None else torch.block_diag(*moments[0], moments[1])
     lay = mla_layer(q_u, k_u, v_u, sigma, rotary, kv_lora_rank, rope_dim, method, o_w, inv_freq, rope_distance,
-                    factor_sigma=implied if method == "weights" else None)
+                    factor_sigma=implied if method == "weights" else None, plane_weight=plane_weight)
     for name, cols in (("k_rope_proj", slice(nq, nq + nk)), ("kv_a_proj", slice(nq, nq + 2 * nk))):
         w = lay[name]
         rest = torch.cat([w[:, :cols.start], w[:, cols.stop:]], dim=1)
@@ -384,7 +395,8 @@ def _qk_norm_mla_layer(attn, moments, o_w, hq, hkv, rotary, kv_lora_rank, rope_d
 
 def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "attention", calibration=None,
                 tokenizer=None, calibration_tokens: int = 16384, seq_len: int = 512, batch_size: int = 4,
-                dropped_rope: str = "keep", rope_distance: int = 512, progress: bool = False):
+                dropped_rope: str = "keep", rope_distance: int = 512, rope_ranking: str = "norms",
+                progress: bool = False):
     """A copy of `model` with MLA attention (`model` is not modified): a `LlamaMLAForCausalLM` from a Llama, a
     `Gemma3MLAForCausalLM` from a Gemma 3 text model.
 
@@ -398,7 +410,9 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "attentio
     weights alone. The result's ``hfa_conversions`` records the options and, per layer, the RoPE planes
     kept and the fraction of K/V energy the rank keeps. dropped_rope: what the RoPE planes left out of the
     RoPE key become: ``"keep"`` (unrotated, MHA2MLA) or ``"expected"`` (their rotation averaged over
-    distances 0 .. rope_distance - 1, `expected_rotation`).
+    distances 0 .. rope_distance - 1, `expected_rotation`). rope_ranking: which RoPE planes the RoPE key keeps:
+    ``"norms"`` (by ||q_f|| ||k_f||, MHA2MLA) or ``"rotation"`` (that times how much the plane turns over distances
+    0 .. rope_distance - 1, `rotation_weight`: slow planes, nearly position-free already, go first).
     """
     family = _check_family(model)
     _check_ranks(model, kv_lora_rank, rope_dim)
@@ -406,6 +420,8 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "attentio
         raise ValueError(f"unknown MLA method {method!r}; the methods are: {', '.join(METHODS)}")
     if dropped_rope not in ("keep", "expected"):
         raise ValueError(f"dropped_rope={dropped_rope!r}: use 'keep' or 'expected'")
+    if rope_ranking not in ("norms", "rotation"):
+        raise ValueError(f"rope_ranking={rope_ranking!r}: use 'norms' or 'rotation'")
     if calibration is not None and tokenizer is None and not torch.is_tensor(calibration):
         raise ValueError("calibration text needs its tokenizer: pass tokenizer=...")
     if method in ("activations", "attention") and calibration is None:
@@ -416,7 +432,7 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "attentio
     layers = attention_layers(model)
     d, rot = layers[0].head_dim, rotary_dim(model)
     record = {"conversion": "mla", "method": method, "kv_lora_rank": kv_lora_rank, "rope_dim": rope_dim,
-              "dropped_rope": dropped_rope,
+              "dropped_rope": dropped_rope, "rope_ranking": rope_ranking,
               "kv_values_per_token_layer": [2 * hkv * d, kv_lora_rank + rope_dim],
               "source": getattr(model, "name_or_path", None) or None}
     moments = None
@@ -431,14 +447,16 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "attentio
     for i, attn in enumerate(layers):
         o_w = attn.o_proj.weight.detach().double().cpu().reshape(c, hq, d)
         inv_freq = inv_freqs[i] if dropped_rope == "expected" else None
+        plane_weight = rotation_weight(inv_freqs[i], rope_distance) if rope_ranking == "rotation" else None
         if family.qk_norm:
             per_layer.append(_qk_norm_mla_layer(attn, None if moments is None else moments[i], o_w, hq, hkv, rot,
-                                                kv_lora_rank, rope_dim, method, inv_freq, rope_distance))
+                                                kv_lora_rank, rope_dim, method, inv_freq, rope_distance, plane_weight))
             continue
         w = lambda lin, h: lin.weight.detach().double().cpu().reshape(h, d, c)
         sigma = torch.eye(c, dtype=torch.float64) if moments is None else moments[i]
         per_layer.append(mla_layer(w(attn.q_proj, hq), w(attn.k_proj, hkv), w(attn.v_proj, hkv), sigma, rot,
-                                   kv_lora_rank, rope_dim, method, o_w, inv_freq, rope_distance))
+                                   kv_lora_rank, rope_dim, method, o_w, inv_freq, rope_distance,
+                                   plane_weight=plane_weight))
 
     # -- the new model: the same weights, MLA attention
     base = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}

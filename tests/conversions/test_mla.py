@@ -210,3 +210,22 @@ def test_expected_rotation_is_exact_when_every_plane_is_kept_and_changes_dropped
     assert not torch.allclose(logits(keep, ids), logits(expected, ids))
     with pytest.raises(ValueError, match="dropped_rope='spin'"):
         convert(model, "mla", kv_lora_rank=8, rope_dim=4, dropped_rope="spin")
+
+
+def test_rotation_ranking_keeps_the_planes_that_turn_most():
+    from hf_efficient_attn.conversions.mla import mla_layer, rotation_weight
+
+    w = rotation_weight(torch.tensor([0.0, 1e-6, torch.pi], dtype=torch.float64), 100)
+    assert w[0] == 0 and w[1] < 1e-3 and abs(w[2] - 1.0) < 1e-9          # t even: no turn, t odd: chord 2
+    # one head, planes of equal energy: the norms tie, so plane_weight alone decides
+    eye = torch.eye(8, dtype=torch.float64).reshape(1, 8, 8)
+    lay = mla_layer(eye, eye, eye, torch.eye(8, dtype=torch.float64), 8, 8, 4, "weights",
+                    plane_weight=torch.tensor([0.1, 0.5, 0.2, 0.9]))
+    assert lay["frequencies"].tolist() == [1, 3]
+    model = tiny_llama(2)
+    ids = random_ids(2, 20)
+    full = convert(model, "mla", kv_lora_rank=16, rope_dim=16, method="weights", rope_ranking="rotation")
+    assert (logits(full, ids) - logits(model, ids)).abs().max().item() <= 1e-5
+    assert full.hfa_conversions[-1]["rope_ranking"] == "rotation"
+    with pytest.raises(ValueError, match="rope_ranking='speed'"):
+        convert(model, "mla", kv_lora_rank=8, rope_dim=4, rope_ranking="speed")
