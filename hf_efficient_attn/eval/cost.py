@@ -178,6 +178,7 @@ class SpeedPoint:
     decode_tokens: int     # tokens generated after the prompt, one at a time with the cache
     decode_s: float        # for all decode steps (median of repeats)
     decode_tok_s: float
+    cache_bytes: int | None = None   # bytes the real cache held right after the prefill (see kv_cache_bytes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,7 +202,7 @@ def measure_speed(model, context_lengths=(128, 512, 2048), decode_tokens: int = 
     was_training = model.training
     model.eval()
 
-    def run(length: int) -> tuple[float, float]:
+    def run(length: int) -> tuple[float, float, int]:
         ids = _probe_ids(model, length, batch_size)
         _synchronize(device)
         t0 = time.perf_counter()
@@ -212,6 +213,7 @@ def measure_speed(model, context_lengths=(128, 512, 2048), decode_tokens: int = 
         if cache is None:
             raise ValueError(f"{type(model).__name__} returned no cache with use_cache=True; decode speed "
                              "needs a decoder that caches")
+        held = _deduplicated_bytes(cache_tensors(cache))
         nxt = out.logits[:, -1:].argmax(-1)
         for _ in range(decode_tokens):
             out = model(input_ids=nxt, use_cache=True, **{cache_kw: cache}, **keep)
@@ -219,7 +221,7 @@ def measure_speed(model, context_lengths=(128, 512, 2048), decode_tokens: int = 
             nxt = out.logits[:, -1:].argmax(-1)
         _synchronize(device)
         t2 = time.perf_counter()
-        return t1 - t0, t2 - t1
+        return t1 - t0, t2 - t1, held
 
     points = []
     try:
@@ -231,7 +233,7 @@ def measure_speed(model, context_lengths=(128, 512, 2048), decode_tokens: int = 
                 pre = sorted(t[0] for t in times)[len(times) // 2]
                 dec = sorted(t[1] for t in times)[len(times) // 2]
                 points.append(SpeedPoint(length, pre, batch_size * length / pre, decode_tokens, dec,
-                                         batch_size * decode_tokens / dec))
+                                         batch_size * decode_tokens / dec, times[0][2]))
     finally:
         model.train(was_training)
     return points

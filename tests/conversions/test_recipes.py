@@ -71,3 +71,34 @@ def test_convert_gqa_example(tiny_smollm2, tmp_path):
     out = example.main(["--model", tiny_smollm2, "--calibration-tokens", "512", "--heal-tokens", "1024",
                         "--eval-tokens", "512", "--out", str(tmp_path / "mqa")])
     assert out["same"] and out["kv_after"] * 3 == out["kv_before"]
+
+
+def test_linear_recipe_small_budget(tiny_smollm2, tmp_path, capsys):
+    recipe = load_script("conversions/linear_smollm2.py")
+    reports = recipe.main(["--model", tiny_smollm2, "--windows", "8,0", "--transfer-tokens", "512", "--heal-tokens",
+                           "256", "--seq-len", "64", "--batch-size", "2", "--eval-tokens", "512", "--context", "128",
+                           "--kv-tokens", "256", "--quiet", "--out", str(tmp_path / "report"),
+                           "--save", str(tmp_path / "models")])
+    names = [r.model for r in reports]
+    assert len(reports) == 7 and "no training" in names[1] and "LoRA" in names[3] and "window" not in names[4]
+    assert all(r.delta_ppl is not None for r in reports)                       # same tokens, same protocol
+    cfg = transformers.AutoConfig.from_pretrained(tiny_smollm2)
+    softmax = 2 * cfg.num_key_value_heads * 8 * 4 * cfg.num_hidden_layers     # head dim 8, fp32, per token
+    assert reports[0].kv_cache_bytes == 256 * softmax
+    state = cfg.num_hidden_layers * cfg.num_key_value_heads * 4 * (16 * 8 + 16)   # hedgehog: 2 x head dim features
+    assert reports[4].kv_cache_bytes == state                                    # pure linear: the state only
+    assert reports[1].kv_cache_bytes == state + cfg.num_hidden_layers * 7 * softmax // cfg.num_hidden_layers
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["window0", "window8"]
+    assert "attention transfer" in capsys.readouterr().out
+
+
+def test_linear_examples_run(tmp_path):
+    example = load_script("examples/convert_linear.py")
+    example.main(["--transfer-tokens", "256", "--heal-tokens", "128", "--seq-len", "64", "--eval-tokens", "128"])
+    speed = load_script("examples/linear_decode_speed.py")
+    rows = speed.main(["--model", "tiny", "--contexts", "96,192", "--decode-tokens", "2",
+                       "--out", str(tmp_path / "speed.json")])
+    assert [r["context"] for r in rows] == [96, 192]
+    assert rows[0]["linear_cache_bytes"] == rows[1]["linear_cache_bytes"]             # constant past the window
+    assert rows[1]["softmax_cache_bytes"] == 2 * rows[0]["softmax_cache_bytes"]        # grows with the context
+    assert (tmp_path / "speed.json").exists()
