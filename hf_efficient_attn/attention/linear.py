@@ -34,8 +34,6 @@ with the Auto classes, so ``hfa.load`` loads them; stock transformers without th
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,6 +48,7 @@ from ..kernels.linear.reference import (
     linear_attention_recurrent,
     linear_attention_reference,
 )
+from .registry import log_once
 
 __all__ = ["FEATURE_MAPS", "FAMILIES", "LinearAttention", "LinearAttentionCacheLayer", "linear_model_class",
            "make_feature_map"]
@@ -257,7 +256,7 @@ class LinearAttention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.window = int(opts["window"])
         self.eps = float(opts.get("eps", 1e-6))
-        self.backend = "auto"          # "auto" | "reference" (quadratic) | "chunked" | "triton"
+        self.backend = "auto"          # "auto" | "triton" | "reference" (quadratic) | "chunked": see `attend`
         if base is None:
             base = _family_attention(config)(config, layer_idx)
         self.scaling = base.scaling
@@ -290,30 +289,63 @@ class LinearAttention(nn.Module):
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q, k, v
 
-    def attend(self, q, k, v, kpm=None, state=None, return_state=False, context: int = 0):
-        """Attention of q (B, H, S, D) over k, v (B, Hkv, context + S, D) and an earlier state -> (out, state)."""
+    def attend(self, q, k, v, kpm=None, state=None, return_state=False):
+        """Attention of q (B, H, S, D) over k, v (B, Hkv, context + S, D) and an earlier state -> (out, state).
+
+        backend: "auto" (the Triton kernels on CUDA where they serve the call, else PyTorch: the quadratic form for
+        short inputs, the chunked one for long), "triton" (raise where it cannot run), "reference" (quadratic),
+        "chunked"."""
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        if not self.window and kpm is not None:       # a padded key adds nothing to the state or the normaliser
+            fk = fk * kpm[:, None, :, None].to(fk.dtype)
+        res = self._attend_triton(q, k, v, fq, fk, kpm, state, return_state)
+        if res is None:
+            res = self._attend_torch(q, k, v, fq, fk, kpm, state, return_state)
+        return res if return_state else (res, None)
+
+    def _attend_triton(self, q, k, v, fq, fk, kpm, state, return_state):
+        """The Triton kernels' result, or None where they do not serve this call (see `attend`)."""
+        if not (self.backend == "triton" or (self.backend == "auto" and q.is_cuda)):
+            return None
+        from ..kernels.linear import triton_chunked as tc
+        if self.window:
+            from ..kernels.linear import triton_hybrid as th
+            reason = th.hybrid_unsupported_reason(q, k, v, fq, fk, initial_state=state, key_padding_mask=kpm)
+        else:
+            reason = tc.linear_triton_unsupported_reason(fq, fk, v, initial_state=state)
+        if reason is not None:
+            if self.backend == "triton":
+                raise ValueError(f"backend='triton' cannot run linear-attention layer {self.layer_idx}: {reason}; "
+                                 "use backend='auto' to fall back to PyTorch")
+            log_once(f"hf_efficient_attn: the linear-attention Triton kernels cannot serve this call ({reason}); "
+                     "using the PyTorch form")
+            return None
+        if self.window:
+            return th.hybrid_attention_triton(q, k, v, fq, fk, window=self.window,
+                                              window_factor=torch.sigmoid(self.window_factor.float()),
+                                              scale=self.scaling, eps=self.eps, initial_state=state,
+                                              return_state=return_state, key_padding_mask=kpm)
+        if q.shape[2] == 1 and state is not None and not torch.is_grad_enabled():
+            out, new_state = tc.linear_attention_step_triton(fq, fk, v, state, eps=self.eps)
+            return (out, new_state) if return_state else out
+        return tc.linear_attention_triton(fq, fk, v, eps=self.eps, initial_state=state, return_state=return_state)
+
+    def _attend_torch(self, q, k, v, fq, fk, kpm, state, return_state):
         rows, keys = q.shape[2], k.shape[2]
+        quadratic = self.backend == "reference" or (self.backend != "chunked" and rows * keys <= QUADRATIC_LIMIT)
         if self.window:
             opts = dict(window=self.window, window_factor=torch.sigmoid(self.window_factor.float()),
                         scale=self.scaling, eps=self.eps, initial_state=state, return_state=return_state,
                         key_padding_mask=kpm)
-            quadratic = self.backend == "reference" or (self.backend == "auto" and rows * keys <= QUADRATIC_LIMIT)
             if quadratic:
-                res = hybrid_attention_reference(q, k, v, fq, fk, **opts)
-            else:
-                res = hybrid_attention_chunked(q, k, v, fq, fk, chunk_size=256, **opts)
-        else:
-            if kpm is not None:                   # a padded key adds nothing to the state or the normaliser
-                fk = fk * kpm[:, None, :, None].to(fk.dtype)
-            opts = dict(eps=self.eps, initial_state=state, return_state=return_state)
-            if rows == 1 and state is not None:
-                res = linear_attention_recurrent(fq, fk, v, **opts)
-            elif self.backend == "reference" or (self.backend == "auto" and rows * keys <= QUADRATIC_LIMIT):
-                res = linear_attention_reference(fq, fk, v, **opts)
-            else:
-                res = linear_attention_chunked(fq, fk, v, chunk_size=256, **opts)
-        return res if return_state else (res, None)
+                return hybrid_attention_reference(q, k, v, fq, fk, **opts)
+            return hybrid_attention_chunked(q, k, v, fq, fk, chunk_size=256, **opts)
+        opts = dict(eps=self.eps, initial_state=state, return_state=return_state)
+        if rows == 1 and state is not None:
+            return linear_attention_recurrent(fq, fk, v, **opts)
+        if quadratic:
+            return linear_attention_reference(fq, fk, v, **opts)
+        return linear_attention_chunked(fq, fk, v, chunk_size=256, **opts)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None,
                 **kwargs):

@@ -289,3 +289,23 @@ def test_bad_options_name_the_problem():
     with pytest.raises(ValueError, match="cannot be cropped"):
         out.past_key_values.crop(-1)
     assert len(linear_layers(new)) == 2
+
+
+@pytest.mark.triton_interpret
+def test_triton_backend_in_the_module_pure_linear():
+    """window=0 layers on the chunked Triton kernels (forward, backward, the fused decode step) equal PyTorch."""
+    new = hfa.convert(make_model("llama"), "linear", window=0)
+    _perturb_linear(new)
+    ids = random_ids(2, 21)
+    ref = logits(new, ids)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    ref_gen = new.generate(ids[:, :9], **kw)
+    loss_ref = new(input_ids=ids, labels=ids).loss
+    grads_ref = torch.autograd.grad(loss_ref, [new.model.layers[0].self_attn.feature_map_k.weight])
+    for layer in linear_layers(new).values():
+        layer.backend = "triton"
+    torch.testing.assert_close(logits(new, ids), ref, atol=2e-5, rtol=1e-4)
+    assert torch.equal(new.generate(ids[:, :9], **kw), ref_gen)
+    loss = new(input_ids=ids, labels=ids).loss
+    grads = torch.autograd.grad(loss, [new.model.layers[0].self_attn.feature_map_k.weight])
+    torch.testing.assert_close(grads[0], grads_ref[0], atol=1e-6, rtol=1e-4)
