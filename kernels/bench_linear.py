@@ -17,6 +17,9 @@ Decode: one new token per sequence, B in 1..128: `linear_attention_step_triton` 
 state: bytes = 2 B Hkv (F D + F) 4 + q, k, v, out) vs the PyTorch recurrent form on one token, and softmax
 split-KV decode against a 32k-token cache (what linear attention replaces). GB/s is compared with the
 device's copy bandwidth (a 1 GiB clone: read + write).
+
+Hybrid (LoLCATs: sliding-window softmax + linear, one normaliser; see `bench_hybrid`): forward and backward of
+`hybrid_attention_triton` vs its PyTorch chunked form and causal softmax flash on the same q, k, v.
 """
 
 from __future__ import annotations
@@ -163,6 +166,8 @@ def main(argv=None):
                              torch_recurrent_ms=rec, softmax_decode_ms=sm, softmax_cache=cache, copy_gbs=copy_gbs,
                              rel_err_vs_torch_recurrent=rel_err(tri_out, rec_out)))
 
+    rows += bench_hybrid(args, device, dtype, time_fwd_bwd, rel_err)
+
     env = dict(device=torch.cuda.get_device_name() if device == "cuda" else f"cpu (interpreter, {platform.machine()})",
                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, dtype=args.dtype,
                copy_gbs=copy_gbs, dry_run=args.dry_run, time=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -205,7 +210,68 @@ def format_table(env, rows):
             f"{_f(r['triton_ms'], '.4f')} | {_f(r['triton_gbs'], '.0f')} | {_f(r['pct_of_copy_bandwidth'], '.0f')}% | "
             f"{_f(r['torch_recurrent_ms'], '.4f')} | {_f(r['softmax_decode_ms'], '.4f')} ({r['softmax_cache']}) | "
             f"{_f(r['rel_err_vs_torch_recurrent'], '.1e')} |")
+    lines += format_hybrid(rows)
     return "\n".join(lines)
+
+
+
+# -- hybrid (sliding-window softmax + linear attention): a separate case, kept apart from the code above ------
+
+def bench_hybrid(args, device, dtype, time_fwd_bwd, rel_err):
+    """Rows of kind "hybrid": 32k tokens per batch, 16 query heads over 4 KV heads, head dim 64 (softmax part and
+    values), hedgehog features F = 128 (2 x 64), window 64: `hybrid_attention_triton` vs `hybrid_attention_chunked`
+    (PyTorch, chunks of 64, backward through autograd) vs causal softmax `flash_attention` on the same q, k, v."""
+    import torch
+
+    from hf_efficient_attn.kernels.linear.reference import hybrid_attention_chunked
+    from hf_efficient_attn.kernels.linear.triton_hybrid import hybrid_attention_triton
+    from hf_efficient_attn.kernels.softmax.triton_flash import flash_attention
+
+    if args.dry_run:
+        seqlens, tokens, H, Hkv, Dk, F, D, w = (40,), 40, 2, 1, 16, 16, 16, 8
+    else:
+        seqlens, tokens, H, Hkv, Dk, F, D, w = ((1024, 8192) if args.quick else (1024, 4096, 16384)), 32768, 16, 4, \
+            64, 128, 64, 64
+    rows = []
+    for T in seqlens:
+        B = max(1, tokens // T)
+        gen = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(B, H, T, Dk, device=device, generator=gen).to(dtype)
+        k = torch.randn(B, Hkv, T, Dk, device=device, generator=gen).to(dtype)
+        v = torch.randn(B, Hkv, T, D, device=device, generator=gen).to(dtype)
+        fq = torch.softmax(torch.randn(B, H, T, F, device=device, generator=gen), -1).to(dtype)  # like hedgehog
+        fk = torch.softmax(torch.randn(B, Hkv, T, F, device=device, generator=gen), -1).to(dtype)
+        opts = dict(window=w, window_factor=0.5)
+        tri_fwd, tri_bwd, tri_out = time_fwd_bwd(lambda *x: hybrid_attention_triton(*x, **opts), (q, k, v, fq, fk))
+        ch_fwd, ch_bwd, ch_out = time_fwd_bwd(lambda *x: hybrid_attention_chunked(*x, **opts, chunk_size=64),
+                                              (q, k, v, fq, fk))
+        sm_fwd, sm_bwd, _ = time_fwd_bwd(lambda q_, k_, v_: flash_attention(q_, k_, v_, causal=True)[0], (q, k, v))
+        rows.append(dict(kind="hybrid", gated=False, B=B, H=H, Hkv=Hkv, T=T, Dk=Dk, F=F, D=D, window=w,
+                         dtype=args.dtype, triton_fwd_ms=tri_fwd, triton_bwd_ms=tri_bwd,
+                         torch_chunked_fwd_ms=ch_fwd, torch_chunked_bwd_ms=ch_bwd,
+                         softmax_flash_fwd_ms=sm_fwd, softmax_flash_bwd_ms=sm_bwd,
+                         rel_err_vs_torch_chunked=rel_err(tri_out, ch_out)))
+        del q, k, v, fq, fk, tri_out, ch_out
+    return rows
+
+
+def format_hybrid(rows):
+    lines = ["", "| hybrid B x H/Hkv x T x Dk/F/D, window | triton fwd/bwd ms | torch chunked fwd/bwd ms | "
+             "triton speedup fwd/bwd | softmax flash fwd/bwd ms | vs softmax fwd/bwd | err vs torch |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] != "hybrid":
+            continue
+        lines.append(
+            f"| {r['B']}x{r['H']}/{r['Hkv']}x{r['T']}x{r['Dk']}/{r['F']}/{r['D']}, {r['window']} | "
+            f"{_f(r['triton_fwd_ms'], '.3f')}/{_f(r['triton_bwd_ms'], '.3f')} | "
+            f"{_f(r['torch_chunked_fwd_ms'], '.2f')}/{_f(r['torch_chunked_bwd_ms'], '.2f')} | "
+            f"{_f(r['torch_chunked_fwd_ms'] / r['triton_fwd_ms'], '.1f')}x/"
+            f"{_f(r['torch_chunked_bwd_ms'] / r['triton_bwd_ms'], '.1f')}x | "
+            f"{_f(r['softmax_flash_fwd_ms'], '.3f')}/{_f(r['softmax_flash_bwd_ms'], '.3f')} | "
+            f"{_f(r['softmax_flash_fwd_ms'] / r['triton_fwd_ms'], '.2f')}x/"
+            f"{_f(r['softmax_flash_bwd_ms'] / r['triton_bwd_ms'], '.2f')}x | {_f(r['rel_err_vs_torch_chunked'], '.1e')} |")
+    return lines
 
 
 if __name__ == "__main__":

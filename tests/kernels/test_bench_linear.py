@@ -23,7 +23,7 @@ def test_bench_linear_dry_run(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["env"]["dry_run"]
     assert {(r["kind"], r["gated"]) for r in result["rows"]} == {(k, g) for k in ("prefill", "decode")
-                                                                 for g in (False, True)}
+                                                                 for g in (False, True)} | {("hybrid", False)}
     for r in result["rows"]:
         err = r.get("rel_err_vs_torch_chunked", r.get("rel_err_vs_torch_recurrent"))
         assert err < 1.6e-2  # bf16: the kernels computed the same attention as the PyTorch forms
@@ -31,4 +31,4 @@ def test_bench_linear_dry_run(tmp_path, capsys):
         if r["kind"] == "prefill":
             assert r["triton_bwd_ms"] > 0 and r["torch_chunked_bwd_ms"] > 0 and r["softmax_flash_bwd_ms"] > 0
     table = capsys.readouterr().out
-    assert "| prefill" in table and "| decode" in table and "DRY RUN" in table
+    assert "| prefill" in table and "| decode" in table and "| hybrid" in table and "DRY RUN" in table
