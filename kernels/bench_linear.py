@@ -270,7 +270,8 @@ def format_hybrid(rows):
             f"{_f(r['torch_chunked_bwd_ms'] / r['triton_bwd_ms'], '.1f')}x | "
             f"{_f(r['softmax_flash_fwd_ms'], '.3f')}/{_f(r['softmax_flash_bwd_ms'], '.3f')} | "
             f"{_f(r['softmax_flash_fwd_ms'] / r['triton_fwd_ms'], '.2f')}x/"
-            f"{_f(r['softmax_flash_bwd_ms'] / r['triton_bwd_ms'], '.2f')}x | {_f(r['rel_err_vs_torch_chunked'], '.1e')} |")
+            f"{_f(r['softmax_flash_bwd_ms'] / r['triton_bwd_ms'], '.2f')}x | "
+            f"{_f(r['rel_err_vs_torch_chunked'], '.1e')} |")
     return lines
 
 

@@ -227,7 +227,7 @@ def compile_for_hopper():
     from triton.compiler import ASTSource
 
     from hf_efficient_attn.kernels.linear import triton_hybrid as th
-    assert not th._INTERPRETED
+    assert not th.INTERPRETED
 
     pointers = dict(GATE="*fp32", HS="*fp32", ZS="*fp32", S0="*fp32", Z0="*fp32", SF="*fp32", ZF="*fp32",
                     M2="*fp32", AMAX="*i32", ZD="*fp32", DELTA="*fp32", R="*fp32", DHS="*fp32", DZS="*fp32",

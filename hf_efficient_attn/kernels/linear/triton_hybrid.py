@@ -44,15 +44,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 
 import torch
+import triton
+import triton.language as tl
 
+from ..softmax.triton_flash import _dot, _dot_flags, _last_dim_contiguous, _pad_dim
 from .reference import _check_hybrid, _window_factor, check_linear_inputs
 
-__all__ = ["hybrid_attention_triton", "hybrid_unsupported_reason"]
+__all__ = ["MAX_DIM", "hybrid_attention_triton", "hybrid_unsupported_reason"]
 
-MAX_DIM = 256
+MAX_DIM = 256  # Dk, F and D each
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634  # 1/ln 2: exp(x) = exp2(x * LOG2E)
 
@@ -61,50 +63,39 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# triton.jit builds interpreter or GPU kernels depending on TRITON_INTERPRET when this module is imported
+INTERPRETED = _interpreting()
+
+
 def hybrid_unsupported_reason(q, k, v, fq, fk, *, window=None, initial_state=None, key_padding_mask=None,
                               cu_seqlens=None, **_ignored) -> str | None:
     """None when :func:`hybrid_attention_triton` computes this call; else a short reason (fall back to
     ``hybrid_attention_reference`` / ``hybrid_attention_chunked``). Shapes are not validated here."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    tensors = [q, k, v, fq, fk] + [t for t in (key_padding_mask, cu_seqlens) if t is not None]
-    tensors += list(initial_state) if initial_state is not None else []
+    tensors = [q, k, v, fq, fk] + [t for t in (key_padding_mask, cu_seqlens, *(initial_state or ())) if t is not None]
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         return f"inputs on different devices ({', '.join(sorted(str(d) for d in devices))})"
     if q.device.type != "cuda":
         if not _interpreting():
             return f"tensors on {q.device.type} and TRITON_INTERPRET is not 1"
-        mod = sys.modules.get(__name__)
-        if mod is not None and "_INTERPRETED" in vars(mod) and not mod._INTERPRETED:
+        if not INTERPRETED:
             return f"tensors on {q.device.type} and the kernels were imported before TRITON_INTERPRET=1 was set"
-    dtypes = {t.dtype for t in (q, k, v, fq, fk)}
-    if len(dtypes) > 1:
-        return "mixed dtypes (" + ", ".join(str(t.dtype).replace("torch.", "") for t in (q, k, v, fq, fk)) + ")"
+    dtypes = (q.dtype, k.dtype, v.dtype, fq.dtype, fk.dtype)
+    if len(set(dtypes)) > 1:
+        return "mixed dtypes (q, k, v, fq, fk: " + ", ".join(str(d).replace("torch.", "") for d in dtypes) + ")"
     if q.dtype not in _DTYPES:
         return f"dtype {str(q.dtype).replace('torch.', '')}"
-    dims = dict(head_dim=q.shape[-1], feature_dim=fq.shape[-1], value_dim=v.shape[-1])
-    for name, d in dims.items():
+    for name, d in (("head_dim", q.shape[-1]), ("feature_dim", fq.shape[-1]), ("value_dim", v.shape[-1])):
         if d > MAX_DIM:
             return f"{name} {d} > {MAX_DIM}"
     return None
 
 
-# Everything below needs triton; the function above answers without it.
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-_INTERPRETED = _interpreting()  # triton.jit builds interpreter or GPU kernels at import
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # UPCAST: the interpreter's low-precision dot is wrong, so fp16/bf16 tiles go through fp32 there
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
+# ----------------------------------------------------------------------------------------------
+# Shared @triton.jit helpers
+# ----------------------------------------------------------------------------------------------
 
 @triton.jit
 def _seq(CU, i_n, S_Q, S_K, IS_VARLEN: tl.constexpr):
@@ -553,20 +544,6 @@ def _bwd_dkdv_kernel(Q, K, V, FQ, FK, GATE, DHS, DZS, DSF, DZF, DO, M2, AMAX, ZD
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-def _pad_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))  # tl.dot needs every tile dim >= 16
-
-
-def _dot_flags(dtype):
-    """(UPCAST, PRECISION): exact fp32 dots for fp32 inputs; fp32 dots in the interpreter."""
-    upcast = _interpreting() and dtype != torch.float32
-    return upcast, ("ieee" if dtype == torch.float32 or upcast else "tf32")
-
-
-def _last_dim_contiguous(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _blocks(block_m, block_n, num_warps, dims, dtype):
     """BLOCK_M, BLOCK_N, num_warps: the caller's, else 32 x 32 in the interpreter and for fp32 (exact fp32 dots,
     no tensor cores), 64 x 64 for fp16/bf16 on a GPU."""
@@ -575,7 +552,7 @@ def _blocks(block_m, block_n, num_warps, dims, dtype):
     for name, b in (("block_m", bm), ("block_n", bn)):
         if b < 16 or b & (b - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {b}")
-    return bm, bn, num_warps or (8 if max(dims) > 128 else 4)
+    return bm, bn, num_warps or (8 if max(dims) > 64 else 4)  # untuned: see the GPU notes in the docstring
 
 
 def _state_tile(d_pad):
