@@ -57,6 +57,7 @@ def parse_args(argv, description, model, ranks, out, calibration_tokens=16384, e
     ap.add_argument("--heal-tokens", type=int, default=0)
     ap.add_argument("--heal-seq-len", type=int, default=256)
     ap.add_argument("--heal-lr", type=float, default=3e-4)
+    ap.add_argument("--heal-warmup", type=float, default=0.05, help="fraction of the heal's steps with a rising lr")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=out)
     return ap.parse_args(argv)
@@ -106,7 +107,8 @@ def run(args):
             kl_before = probe_kl(new, model, probe)
             t0 = time.time()
             res = distill(new, model, train, tokenizer=tok, max_tokens=args.heal_tokens, seq_len=args.heal_seq_len,
-                          batch_size=4, trainable=MLA_TRAINABLE, lr=args.heal_lr, progress=False)
+                          batch_size=4, trainable=MLA_TRAINABLE, lr=args.heal_lr, warmup=args.heal_warmup,
+                          progress=False)
             seconds = round(time.time() - t0, 1)
             new.eval()
             measure(f"mla r={r} d_r={dr} healed", new,

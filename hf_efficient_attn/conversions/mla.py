@@ -351,6 +351,10 @@ def mla_layer(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, sigma: to
     up = basis / scale[:, None]
     if metric_inv is not None:
         up = metric_inv @ up
+    # latent dim j: down row j and up column j to one norm (exact; Adam's per-weight steps, the same size on both
+    # factors, then change both by similar fractions: at 30:0.2 a heal's first step wrecked the small side)
+    gain = (up.norm(dim=0) / down.norm(dim=1).clamp_min(1e-300)).sqrt().clamp_min(1e-150)     # (r,)
+    down, up = down * gain[:, None], up / gain[None, :]
     kept_energy = float(spectrum[:kv_lora_rank].sum() / spectrum.sum().clamp_min(1e-300))
     rope_energy = float(z_energy[f_idx, j_idx].sum() / z_energy.sum().clamp_min(1e-300))
     return LayerMLA(q_rope_coef=coef, k_rope_proj=k_rope_w, kv_a_proj=down, kv_b_proj=up,

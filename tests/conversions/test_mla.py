@@ -55,6 +55,14 @@ def test_full_rank_reproduces_the_logits(num_kv_heads, method):
     assert diff <= 1e-5, f"fp32 full-rank MLA should be exact to rounding, got {diff}"
 
 
+def test_latent_factors_are_balanced():
+    """Each latent dim's down row and up column have one norm, so a heal's optimizer moves both by similar fractions."""
+    new = convert(tiny_llama(2), "mla", kv_lora_rank=12, rope_dim=6, method="attention", calibration=random_ids(8, 24))
+    for layer in new.model.layers:
+        down, up = layer.self_attn.kv_a_proj.weight, layer.self_attn.kv_b_proj.weight
+        torch.testing.assert_close(down.norm(dim=1), up.norm(dim=0), rtol=1e-4, atol=0)
+
+
 def test_full_rank_at_the_head_dim_is_exact_for_mqa_only_when_all_planes_fit():
     """d_r = D keeps every plane of an MQA model, so it is exact there."""
     model = tiny_llama(1)
