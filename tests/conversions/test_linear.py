@@ -309,3 +309,31 @@ def test_triton_backend_in_the_module_pure_linear():
     loss = new(input_ids=ids, labels=ids).loss
     grads = torch.autograd.grad(loss, [new.model.layers[0].self_attn.feature_map_k.weight])
     torch.testing.assert_close(grads[0], grads_ref[0], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.triton_interpret
+def test_triton_backend_in_the_module_hybrid():
+    """window>0 layers on the Triton hybrid kernel (forward, backward, decoding from the cache) equal PyTorch."""
+    new = hfa.convert(make_model("qwen3"), "linear", window=4)
+    _perturb_linear(new)
+    ids = random_ids(2, 13)
+    ref = logits(new, ids)
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    ref_gen = new.generate(ids[:, :7], **kw)
+    params = [new.model.layers[0].self_attn.feature_map_q.weight, new.model.layers[1].self_attn.window_factor]
+    grads_ref = torch.autograd.grad(new(input_ids=ids, labels=ids).loss, params)
+    for layer in linear_layers(new).values():
+        layer.backend = "triton"
+    torch.testing.assert_close(logits(new, ids), ref, atol=2e-5, rtol=1e-4)
+    assert torch.equal(new.generate(ids[:, :7], **kw), ref_gen)
+    grads = torch.autograd.grad(new(input_ids=ids, labels=ids).loss, params)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_triton_exports_load_lazily():
+    import hf_efficient_attn.kernels.linear as kl
+
+    assert callable(kl.hybrid_attention_triton) and callable(kl.linear_attention_step_triton)
+    with pytest.raises(AttributeError):
+        kl.no_such_kernel
