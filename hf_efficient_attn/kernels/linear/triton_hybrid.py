@@ -11,10 +11,10 @@ queries aligned to the end of the keys, GQA without repeating K/V, ``initial_sta
 
 How it works (C = BLOCK_N keys per chunk, BLOCK_M query rows per block):
 
-* state (``_state_fwd_kernel``): one program per (sequence, KV head, F tile, D tile) walks the keys in
-  chunks of C and stores the fp32 state (sum fk^T v, sum fk, plus S0/z0) BEFORE every chunk:
-  ``HS[c]`` = state of keys ``< c * C``. Keys of the last ``window - 1`` positions never enter it (no query
-  reads them linearly), so the state after the walk is exactly what ``return_state`` returns.
+* state (``_state_fwd_kernel``): one program per (key chunk, F tile, D tile, sequence and KV head) computes
+  the chunk's ``fk^T v`` and ``sum fk``; an fp32 prefix sum over the chunks (torch, S0/z0 first) gives
+  ``HS[c]`` = the state of keys ``< c * C``. Keys of the last ``window - 1`` positions never enter it (no query
+  reads them linearly), so the last entry is exactly what ``return_state`` returns.
 * forward (``_fwd_kernel``): one program per (query block, query head). Its rows sit at positions
   ``p0 .. p0 + BLOCK_M - 1``; every key ``< p0 - w + 1`` is older than every row's window, so the block
   reads the state ``HS[j]``, ``j = (p0 - w + 1) // C``, and loops over the key chunks
@@ -25,9 +25,11 @@ How it works (C = BLOCK_N keys per chunk, BLOCK_M query rows per block):
   Saved per row: ``m_p`` (base 2), ``amax_p``, ``Z_p = den_p + eps``.
 * backward: with ``dw_ps = (dO_p.v_s - delta_p) / Z_p`` (``delta_p = dO_p.out_p``):
   ``_bwd_dq_kernel`` (per query block, like the forward) gives dq, dfq (the state part:
-  ``HS[j] dO/Z - zS[j] delta/Z``), ``delta`` and ``R_p = sum_window e_ps dw_ps``;
-  ``_state_bwd_kernel`` walks the query blocks backwards and stores the suffix sums
-  ``dHS[c] = sum_{rows >= c * BLOCK_M, heads of the group} fq^T dO/Z`` (and ``-fq delta/Z``): the gradient
+  ``HS[j] dO/Z - zS[j] delta/Z``), ``delta`` and ``R_p = sum_window e_ps dw_ps`` (computed as
+  ``(P_e (l_ln + eps) - P_ln l_e) / Z^2`` from the window/linear sums of ``e``, ``a``, ``e dO.v``, ``a dO.v``:
+  the same value without the cancellation that makes it ~eps-sized when the window dominates);
+  ``_state_bwd_kernel`` (per query block, F/D tile and KV head, summing the group's query heads) plus a
+  suffix sum in torch give ``dHS[c] = sum_{rows >= c * BLOCK_M} fq^T dO/Z`` (and ``-fq delta/Z``): the gradient
   every key gets from the rows it is older than for all of them; ``_bwd_dkdv_kernel`` (per key block and
   KV head, looping over the group's query heads, no atomics) gives dk, dv, dfk from the rows near the
   key block exactly plus ``dHS[c]`` for the rest. ``m_p`` is differentiable in the spec (``amax``): its
@@ -38,6 +40,10 @@ How it works (C = BLOCK_N keys per chunk, BLOCK_M query rows per block):
   tensor cores with fp32 accumulators and fp32 states, fp32 inputs exact fp32 dots
   (``input_precision="ieee"``). Under ``TRITON_INTERPRET=1`` (CPU, tests) low-precision tiles go through
   fp32 before ``tl.dot``.
+* not yet measured on a GPU: the default tiles (64 x 64 for fp16/bf16, 32 x 32 for fp32; 8 warps when a dim
+  exceeds 64) are untuned; the forward, dq and dk/dv programs load a whole fp32 state tile ``[F, D]``, heavy in
+  registers for F, D >= 128; a key chunk computes both ``exp`` and ``fq.fk`` for all its keys, even where every
+  row reads it only one way.
 """
 
 from __future__ import annotations
@@ -122,50 +128,35 @@ def _real_keys(KPM, i_b, s_mb, bos_k, o_n, L_k, HAS_KPM: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _state_fwd_kernel(FK, V, S0, Z0, HS, ZS, SF, ZF, KPM, CU,
+def _state_fwd_kernel(FK, V, HS, ZS, KPM, CU,
                       s_fkb, s_fkh, s_fks, s_vb, s_vh, s_vs, s_mb,
                       H_KV, S_K, W, NC1,
                       F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, N_DT: tl.constexpr,
-                      HAS_S0: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
+                      HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
                       UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    i_t = tl.program_id(0)
+    # HS[c + 1] = fk^T v and ZS[c + 1] = sum fk over the keys of chunk c (a prefix sum follows, in torch). Keys
+    # of the last window - 1 positions never enter a state (no query reads them linearly): chunks past them give 0.
+    i_c = tl.program_id(0)
+    i_t = tl.program_id(1)
     i_f, i_d = i_t // N_DT, i_t % N_DT
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
     i_n, i_hk = i_bh // H_KV, i_bh % H_KV
     i_b, _, bos_k, _, L_k = _seq(CU, i_n, S_K, S_K, IS_VARLEN)
     E = tl.maximum(L_k - W + 1, 0)  # keys [0, E) are older than the window of some query (or the next token)
     o_f = i_f * BF + tl.arange(0, BF)
     o_d = i_d * BD + tl.arange(0, BD)
     m_f = o_f < F
-    m_fd = m_f[:, None] & (o_d[None, :] < D)
-    m_z = m_f & ((o_f * 0 + i_d) == 0)  # z is written by the D-tile-0 programs
-    b_h = tl.zeros([BF, BD], tl.float32)
-    b_z = tl.zeros([BF], tl.float32)
-    if HAS_S0:
-        b_h += tl.load(S0 + (i_b * H_KV + i_hk) * F * D + o_f[:, None] * D + o_d[None, :], mask=m_fd, other=0.0)
-        b_z += tl.load(Z0 + (i_b * H_KV + i_hk) * F + o_f, mask=m_z, other=0.0)
-    p_hs = HS + (i_n * H_KV + i_hk) * NC1 * F * D + o_f[:, None] * D + o_d[None, :]
-    p_zs = ZS + (i_n * H_KV + i_hk) * NC1 * F + o_f
-    p_fk = FK + i_b * s_fkb + i_hk * s_fkh + bos_k * s_fks
-    p_v = V + i_b * s_vb + i_hk * s_vh + bos_k * s_vs
-    offs_n = tl.arange(0, BLOCK_N)
-    n_ch = tl.cdiv(E, BLOCK_N)
-    for c in range(0, n_ch):
-        # -- HS[c] = state of keys < c * BLOCK_N
-        tl.store(p_hs + c * F * D, b_h, mask=m_fd)
-        tl.store(p_zs + c * F, b_z, mask=m_z)
-        o_n = c * BLOCK_N + offs_n
-        m_n = _real_keys(KPM, i_b, s_mb, bos_k, o_n, E, HAS_KPM)
-        b_fk = tl.load(p_fk + o_n[:, None].to(tl.int64) * s_fks + o_f[None, :], mask=m_n[:, None] & m_f[None, :],
-                       other=0.0)
-        b_v = tl.load(p_v + o_n[:, None].to(tl.int64) * s_vs + o_d[None, :],
-                      mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)
-        b_h = _dot(tl.trans(b_fk), b_v, b_h, UPCAST, PRECISION)
-        b_z += tl.sum(b_fk.to(tl.float32), 0)
-    tl.store(p_hs + n_ch * F * D, b_h, mask=m_fd)
-    tl.store(p_zs + n_ch * F, b_z, mask=m_z)
-    tl.store(SF + (i_n * H_KV + i_hk) * F * D + o_f[:, None] * D + o_d[None, :], b_h, mask=m_fd)
-    tl.store(ZF + (i_n * H_KV + i_hk) * F + o_f, b_z, mask=m_z)
+    o_n = i_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = _real_keys(KPM, i_b, s_mb, bos_k, o_n, E, HAS_KPM)
+    keys = (bos_k + o_n).to(tl.int64)
+    b_fk = tl.load(FK + i_b * s_fkb + i_hk * s_fkh + keys[:, None] * s_fks + o_f[None, :],
+                   mask=m_n[:, None] & m_f[None, :], other=0.0)
+    b_v = tl.load(V + i_b * s_vb + i_hk * s_vh + keys[:, None] * s_vs + o_d[None, :],
+                  mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)
+    b_h = _dot(tl.trans(b_fk), b_v, None, UPCAST, PRECISION)
+    base = (i_n * H_KV + i_hk) * NC1 + i_c + 1
+    tl.store(HS + base * F * D + o_f[:, None] * D + o_d[None, :], b_h, mask=m_f[:, None] & (o_d[None, :] < D))
+    tl.store(ZS + base * F + o_f, tl.sum(b_fk.to(tl.float32), 0), mask=m_f & ((o_f * 0 + i_d) == 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,44 +384,37 @@ def _state_bwd_kernel(FQ, DO, ZD, DELTA, DHS, DZS, CU,
                       H, G, S_Q, NQ1,
                       F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, N_DT: tl.constexpr,
                       IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
-    # dHS[c] = sum over query rows >= c * BLOCK_M of every head of the group of fq^T dO / Z (dZS: -fq delta / Z)
-    i_t = tl.program_id(0)
+    # DHS[c] = fq^T dO / Z and DZS[c] = -fq^T delta / Z over query block c of every head of the group (a suffix
+    # sum follows, in torch): what every key older than all of these rows' windows receives from them.
+    i_c = tl.program_id(0)
+    i_t = tl.program_id(1)
     i_f, i_d = i_t // N_DT, i_t % N_DT
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
     H_KV = H // G
     i_n, i_hk = i_bh // H_KV, i_bh % H_KV
     i_b, bos_q, _, L_q, _ = _seq(CU, i_n, S_Q, S_Q, IS_VARLEN)
     o_f = i_f * BF + tl.arange(0, BF)
     o_d = i_d * BD + tl.arange(0, BD)
-    offs_r = tl.arange(0, BLOCK_M)
     m_f = o_f < F
-    m_fd = m_f[:, None] & (o_d[None, :] < D)
-    m_z = m_f & ((o_f * 0 + i_d) == 0)
-    p_dhs = DHS + (i_n * H_KV + i_hk) * NQ1 * F * D + o_f[:, None] * D + o_d[None, :]
-    p_dzs = DZS + (i_n * H_KV + i_hk) * NQ1 * F + o_f
+    o_m = i_c * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < L_q
+    rows = (bos_q + o_m).to(tl.int64)
     b_dh = tl.zeros([BF, BD], tl.float32)
     b_dz = tl.zeros([BF], tl.float32)
-    nqb = tl.cdiv(L_q, BLOCK_M)
-    tl.store(p_dhs + nqb * F * D, b_dh, mask=m_fd)
-    tl.store(p_dzs + nqb * F, b_dz, mask=m_z)
-    for cc in range(0, nqb):
-        c = nqb - 1 - cc
-        o_m = c * BLOCK_M + offs_r
-        m_m = o_m < L_q
-        rows = (bos_q + o_m).to(tl.int64)
-        for hh in range(0, G):
-            i_h = i_hk * G + hh
-            b_fq = tl.load(FQ + i_b * s_fqb + i_h * s_fqh + rows[:, None] * s_fqs + o_f[None, :],
-                           mask=m_m[:, None] & m_f[None, :], other=0.0).to(tl.float32)
-            b_do = tl.load(DO + i_b * s_dob + i_h * s_doh + rows[:, None] * s_dos + o_d[None, :],
-                           mask=m_m[:, None] & (o_d[None, :] < D), other=0.0).to(tl.float32)
-            p_row = (i_b * H + i_h) * S_Q + bos_q + o_m
-            b_rz = 1.0 / tl.load(ZD + p_row, mask=m_m, other=1.0)
-            b_delta = tl.load(DELTA + p_row, mask=m_m, other=0.0)
-            b_dh = _dot(tl.trans(b_fq), b_do * b_rz[:, None], b_dh, False, PRECISION)
-            b_dz -= tl.sum(b_fq * (b_delta * b_rz)[:, None], 0)
-        tl.store(p_dhs + c * F * D, b_dh, mask=m_fd)
-        tl.store(p_dzs + c * F, b_dz, mask=m_z)
+    for hh in range(0, G):
+        i_h = i_hk * G + hh
+        b_fq = tl.load(FQ + i_b * s_fqb + i_h * s_fqh + rows[:, None] * s_fqs + o_f[None, :],
+                       mask=m_m[:, None] & m_f[None, :], other=0.0).to(tl.float32)
+        b_do = tl.load(DO + i_b * s_dob + i_h * s_doh + rows[:, None] * s_dos + o_d[None, :],
+                       mask=m_m[:, None] & (o_d[None, :] < D), other=0.0).to(tl.float32)
+        p_row = (i_b * H + i_h) * S_Q + bos_q + o_m
+        b_rz = 1.0 / tl.load(ZD + p_row, mask=m_m, other=1.0)
+        b_delta = tl.load(DELTA + p_row, mask=m_m, other=0.0)
+        b_dh = _dot(tl.trans(b_fq), b_do * b_rz[:, None], b_dh, False, PRECISION)
+        b_dz -= tl.sum(b_fq * (b_delta * b_rz)[:, None], 0)
+    base = (i_n * H_KV + i_hk) * NQ1 + i_c
+    tl.store(DHS + base * F * D + o_f[:, None] * D + o_d[None, :], b_dh, mask=m_f[:, None] & (o_d[None, :] < D))
+    tl.store(DZS + base * F + o_f, b_dz, mask=m_f & ((o_f * 0 + i_d) == 0))
 
 
 @triton.jit
@@ -595,26 +579,26 @@ def _strides(*ts):
 
 
 def _states(c, fk, v, s0, z0):
-    """(HS, ZS, S_final, z_final): fp32 states before every key chunk, and of every key the next token reads
-    linearly (the returned state)."""
+    """(HS, ZS): fp32 states before every key chunk (HS[:, :, i] = S0 + keys < i * BLOCK_N that some query reads
+    linearly); the last, HS[:, :, -1], is the state of every such key: the returned state."""
     dev = fk.device
     hs = torch.empty(c.n_seq, c.Hkv, c.nc1, c.F, c.D, dtype=torch.float32, device=dev)
     zs = torch.empty(c.n_seq, c.Hkv, c.nc1, c.F, dtype=torch.float32, device=dev)
-    sf = torch.empty(c.n_seq, c.Hkv, c.F, c.D, dtype=torch.float32, device=dev)
-    zf = torch.empty(c.n_seq, c.Hkv, c.F, dtype=torch.float32, device=dev)
-    if c.n_seq * c.Hkv == 0:
-        return hs, zs, sf, zf
-    _state_fwd_kernel[(c.n_ft * c.n_dt, c.n_seq * c.Hkv)](
-        fk, v, s0, z0, hs, zs, sf, zf, c.kpm, c.cu, *_strides(fk, v), c.s_mb,
-        c.Hkv, c.T, c.W, c.nc1, F=c.F, D=c.D, BF=c.bf, BD=c.bd, N_DT=c.n_dt, HAS_S0=s0 is not None,
-        HAS_KPM=c.flags["HAS_KPM"], IS_VARLEN=c.flags["IS_VARLEN"], UPCAST=c.upcast, PRECISION=c.precision,
-        BLOCK_N=c.bn, num_warps=c.num_warps)
-    return hs, zs, sf, zf
+    hs[:, :, 0] = 0 if s0 is None else s0
+    zs[:, :, 0] = 0 if z0 is None else z0
+    if c.nc1 > 1 and c.n_seq * c.Hkv:
+        _state_fwd_kernel[(c.nc1 - 1, c.n_ft * c.n_dt, c.n_seq * c.Hkv)](
+            fk, v, hs, zs, c.kpm, c.cu, *_strides(fk, v), c.s_mb,
+            c.Hkv, c.T, c.W, c.nc1, F=c.F, D=c.D, BF=c.bf, BD=c.bd, N_DT=c.n_dt,
+            HAS_KPM=c.flags["HAS_KPM"], IS_VARLEN=c.flags["IS_VARLEN"], UPCAST=c.upcast, PRECISION=c.precision,
+            BLOCK_N=c.bn, num_warps=4)
+    return hs.cumsum_(2), zs.cumsum_(2)  # fp32 prefix sums over the chunks
 
 
 def _hybrid_fwd(c, q, k, v, fq, fk, gate, s0, z0):
     """(out, m2, amax, Z, S_final, z_final); m2/amax/Z are [B, H, Sq] row statistics for the backward."""
-    hs, zs, sf, zf = _states(c, fk, v, s0, z0)
+    hs, zs = _states(c, fk, v, s0, z0)
+    sf, zf = hs[:, :, -1].clone(), zs[:, :, -1].clone()  # not views: the chunk states are freed
     out = torch.empty(c.B, c.H, c.Sq, c.D, dtype=v.dtype, device=v.device)
     m2 = torch.empty(c.B, c.H, c.Sq, dtype=torch.float32, device=q.device)
     amax = torch.empty(c.B, c.H, c.Sq, dtype=torch.int32, device=q.device)
@@ -633,7 +617,7 @@ def _hybrid_bwd(c, do, dsf, dzf, q, k, v, fq, fk, gate, s0, z0, out, m2, amax, z
     """Gradients (dq, dk, dv, dfq, dfk, dgate, dS0, dz0) of the forward's (out, S_final, z_final)."""
     dev = q.device
     do = _last_dim_contiguous(do.to(out.dtype))
-    hs, zs, _, _ = _states(c, fk, v, s0, z0)  # recomputed: cheaper to keep than T/C full states per layer
+    hs, zs = _states(c, fk, v, s0, z0)  # recomputed: cheaper to keep than T/C full states per layer
     dq, dfq = torch.empty_like(q), torch.empty_like(fq)
     dk, dv, dfk = torch.empty_like(k), torch.empty_like(v), torch.empty_like(fk)
     delta = torch.empty(c.B, c.H, c.Sq, dtype=torch.float32, device=dev)
@@ -646,11 +630,15 @@ def _hybrid_bwd(c, do, dsf, dzf, q, k, v, fq, fk, gate, s0, z0, out, m2, amax, z
             BLOCK_M=c.bm, BLOCK_N=c.bn, num_warps=c.num_warps)
     dhs = torch.empty(c.n_seq, c.Hkv, c.nq1, c.F, c.D, dtype=torch.float32, device=dev)
     dzs = torch.empty(c.n_seq, c.Hkv, c.nq1, c.F, dtype=torch.float32, device=dev)
-    if c.n_seq * c.Hkv:
-        _state_bwd_kernel[(c.n_ft * c.n_dt, c.n_seq * c.Hkv)](
+    dhs[:, :, -1] = 0
+    dzs[:, :, -1] = 0
+    if c.nq1 > 1 and c.n_seq * c.Hkv:
+        _state_bwd_kernel[(c.nq1 - 1, c.n_ft * c.n_dt, c.n_seq * c.Hkv)](
             fq, do, zden, delta, dhs, dzs, c.cu, *_strides(fq, do), c.H, c.G, c.Sq, c.nq1,
             F=c.F, D=c.D, BF=c.bf, BD=c.bd, N_DT=c.n_dt, IS_VARLEN=c.flags["IS_VARLEN"], PRECISION=c.precision,
-            BLOCK_M=c.bm, num_warps=c.num_warps)
+            BLOCK_M=c.bm, num_warps=4)
+    # suffix sums: dHS[i] = the rows from query block i on (blocks past a sequence's end gave 0)
+    dhs, dzs = (x.flip(2).cumsum(2).flip(2) for x in (dhs, dzs))
     has_dstate = dsf is not None or dzf is not None
     if has_dstate:
         dsf = torch.zeros_like(dhs[:, :, 0]) if dsf is None else dsf.float().contiguous()
