@@ -41,7 +41,7 @@ def probe_kl(student, teacher, ids: torch.Tensor) -> float:
 
 
 def parse_args(argv, description, model, ranks, out, calibration_tokens=16384, eval_tokens=8192,
-               rope_ranking="norms"):
+               rope_ranking="norms", heal_lr=3e-4, heal_warmup=0.05):
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default=model, help="bundled name, local checkpoint or Hub id")
     ap.add_argument("--ranks", default=ranks, help="comma-separated kv_lora_rank:rope_dim")
@@ -56,8 +56,9 @@ def parse_args(argv, description, model, ranks, out, calibration_tokens=16384, e
     ap.add_argument("--heal", default="", help="comma-separated r:d_r points (from --ranks) to heal")
     ap.add_argument("--heal-tokens", type=int, default=0)
     ap.add_argument("--heal-seq-len", type=int, default=256)
-    ap.add_argument("--heal-lr", type=float, default=3e-4)
-    ap.add_argument("--heal-warmup", type=float, default=0.05, help="fraction of the heal's steps with a rising lr")
+    ap.add_argument("--heal-lr", type=float, default=heal_lr)
+    ap.add_argument("--heal-warmup", type=float, default=heal_warmup,
+                    help="fraction of the heal's steps with a rising lr")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=out)
     return ap.parse_args(argv)
