@@ -18,14 +18,17 @@ data (the identity when there is none). Per layer, in float64:
    ||q_f|| ||k_f|| summed over the query heads that read it; RMS norms on calibration data, from Sigma) and
    keep the top P as the shared RoPE key (d_r dims). The rest of every key, K_nope_g = k_g minus its kept
    planes, loses its rotation: the only approximation besides the rank. With d_r = Hkv * R every plane is
-   kept (for MQA: d_r = D) and this step is exact.
+   kept (for MQA: d_r = D) and this step is exact. ``rope_ranking="rotation"`` also weights plane f by how far
+   it turns over the distances that matter, E_t 2|sin(theta_f t / 2)| (`rotation_weight`): a slow plane is
+   position-free already and costs little to drop (Gemma 3 270M, r=192 d_r=64: 36.6 vs 71.5 held-out ppl).
 3. **Joint low rank of [K_nope; V]** (2 Hkv D rows, rank <= 2 Hkv D - d_r), after scaling the K rows by
    alpha = sqrt(E||v||^2 / E||k_nope||^2) so keys and values weigh the same (undone in the up-projection):
    ``"weights"``: truncated SVD of the stacked weights; ``"activations"``: PCA of the stacked activations
    (top-r eigenvectors E of A Sigma A^T; down = E^T A, up = E), which keeps what the data uses;
    ``"attention"``: the same PCA with every error measured as attention feels it (`attention_metric`: key
    errors through the queries that read them, value errors through o_proj), A -> T A, up -> T^-1 E.
-   r = 2 Hkv D - d_r (the rank of the stack) is exact.
+   r = 2 Hkv D - d_r (the rank of the stack) is exact. Each latent dim's down row and up column are then
+   rescaled to one norm (exact), so a heal's optimizer moves both factors by similar fractions.
 4. **Scale.** The layer keeps the original 1/sqrt(D) (see ``attention.mla``).
 
 KV cache per token and layer: r + d_r values, against 2 Hkv D before.
