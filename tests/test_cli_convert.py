@@ -140,11 +140,14 @@ def test_heal_trainable_selectors(tmp_path, llama_dir, text_file, capsys):
     mla = ["--method", "mla", "--set", "kv_lora_rank=12", "--set", "rope_dim=8", "--set", "method=weights",
            "--no-calibration", "--heal-tokens", "128", "--heal-data", text_file, "--seq-len", "32", "--batch-size",
            "2", "--quiet"]
-    # MLA replaced k_proj/v_proj: the default (kv) would train nothing, and the error says what to pass
-    err = _error(capsys, ["convert", llama_dir, *mla, "--out", str(tmp_path / "a")])
-    assert err.startswith("hfa convert: error: the default --trainable kv selects no parameter of the converted "
+    # MLA replaced k_proj/v_proj: kv would train nothing, and the error says what to pass
+    err = _error(capsys, ["convert", llama_dir, *mla, "--trainable", "kv", "--out", str(tmp_path / "a")])
+    assert err.startswith("hfa convert: error: --trainable kv selects no parameter of the converted "
                           "LlamaMLAForCausalLM; pass --trainable with one of attention, all")
     assert "hf_efficient_attn.conversions.mla:MLA_TRAINABLE" in err
+    # the default follows the conversion: TRAINABLE["mla"], every MLA attention weight
+    assert main(["convert", llama_dir, *mla, "--out", str(tmp_path / "default")]) == 0
+    assert json.loads((tmp_path / "default" / "hfa.json").read_text())["conversions"][-1]["trainable"] == "mla"
     err = _error(capsys, ["convert", llama_dir, *mla, "--trainable", "hf_efficient_attn.nowhere:F", "--out",
                           str(tmp_path / "a")])
     assert err.startswith("hfa convert: error: --trainable hf_efficient_attn.nowhere:F: cannot import it")

@@ -266,16 +266,17 @@ class LinearAttention(nn.Module):
         fm, fdim = opts["feature_map"], opts.get("feature_dim")
         self.feature_map_q = make_feature_map(fm, self.num_heads, self.head_dim, fdim)
         self.feature_map_k = make_feature_map(fm, self.num_kv_heads, self.head_dim, fdim)
+        self.window_factor_init = float(opts.get("window_factor_init", 0.0))
         if self.window:
-            self.window_factor = nn.Parameter(torch.full((self.num_heads,), float(opts.get("window_factor_init", 0.0))))
+            self.window_factor = nn.Parameter(torch.full((self.num_heads,), self.window_factor_init))
 
     def reset_linear_parameters(self) -> None:
-        """Feature maps to their initial state, the mix to sigmoid(init)."""
+        """Feature maps to their initial state, the mix to sigmoid(window_factor_init)."""
         self.feature_map_q.reset_parameters()
         self.feature_map_k.reset_parameters()
         if self.window:
             with torch.no_grad():
-                self.window_factor.fill_(0.0)
+                self.window_factor.fill_(self.window_factor_init)
 
     def project(self, hidden_states, position_embeddings):
         """(q (B, H, S, D), k (B, Hkv, S, D), v (B, Hkv, S, D)) after norms and RoPE: the original layer's view."""

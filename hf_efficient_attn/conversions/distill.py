@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from .io import token_blocks
 
 __all__ = ["DistillResult", "RESERVED_STAGES", "STAGES", "Stage", "TRAINABLE", "distill", "logits_loss",
-           "register_stage"]
+           "lr_factor", "register_stage"]
 
 STATE_FILE = "distill_state.pt"
 
@@ -153,6 +153,17 @@ def _select_trainable(student, trainable, lora_rank, lora_alpha, lora_targets):
     return student
 
 
+def lr_factor(step: int, steps: int, warmup: float) -> float:
+    """The learning rate at `step` (0-based) of `steps`, as a fraction of the peak: a linear ramp over the first
+    ``ceil(warmup * steps)`` steps (at least one) that starts at 1/(ramp + 1) of the peak, never at the peak
+    itself (Adam's first step moves every weight by about lr whatever its gradient: at full lr a short heal
+    spikes the loss), then a cosine decay to 10 %."""
+    warm = max(1, math.ceil(warmup * steps))
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
 # -- data order ----------------------------------------------------------------------------------------
 
 def _block_order(num_blocks: int, needed: int, seed: int) -> torch.Tensor:
@@ -259,9 +270,7 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
             _set_checkpointing(model, True)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-        warm = max(1, int(warmup * steps))
-        cosine = lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warm if s < warm else cosine(s))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
         teacher.to(accelerator.device).eval()
         model.train()
         wrapped, optimizer = accelerator.prepare(model, optimizer)

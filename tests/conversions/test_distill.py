@@ -168,3 +168,14 @@ def test_two_processes_under_accelerate_launch_match_one_process_with_twice_the_
     assert torch.allclose(torch.tensor(two["losses"]), torch.tensor(one.losses), rtol=1e-4)
     for n, p in one.model.state_dict().items():
         assert torch.allclose(two["weights"][n], p, atol=1e-5, rtol=1e-4), n
+
+
+def test_the_schedule_never_starts_at_the_peak():
+    from hf_efficient_attn.conversions.distill import lr_factor
+
+    for steps in (1, 2, 12, 100, 1000):
+        factors = [lr_factor(s, steps, 0.05) for s in range(steps)]
+        assert 0 < factors[0] <= 0.5 and max(factors) <= 1.0 and min(factors) > 0, (steps, factors[:3])
+    ramp = [lr_factor(s, 100, 0.05) for s in range(8)]
+    assert ramp[:5] == sorted(ramp[:5]) and ramp[4] == pytest.approx(5 / 6) and ramp[5] == pytest.approx(1.0)
+    assert lr_factor(99, 100, 0.05) == pytest.approx(0.1, abs=2e-3)
