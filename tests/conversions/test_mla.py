@@ -15,6 +15,7 @@ from hf_efficient_attn.attention.mla import LlamaMLAForCausalLM, MLAAttention, l
 from hf_efficient_attn.conversions import convert, load, save
 from hf_efficient_attn.conversions.mla import mla_ranks
 from hf_efficient_attn.eval import kv_cache_bytes
+from hf_efficient_attn.eval.cost import _cache_kwarg
 from tests.tiny_models import make_model
 from tests.tolerances import assert_close_rms
 
@@ -97,7 +98,8 @@ def _decode_logits(model, ids, steps=4, mask=None):
     cache, got = out.past_key_values, [out.logits[:, -1]]
     for i in range(steps, 0, -1):
         m = None if mask is None else mask[:, : ids.shape[1] - i + 1]
-        out = model(input_ids=ids[:, -i:ids.shape[1] - i + 1], attention_mask=m, cache=cache, use_cache=True)
+        out = model(input_ids=ids[:, -i:ids.shape[1] - i + 1], attention_mask=m, use_cache=True,
+                    **{_cache_kwarg(model): cache})      # `cache` from transformers 5.24, `past_key_values` before
         cache = out.past_key_values
         got.append(out.logits[:, -1])
     return torch.stack(got, 1), cache
