@@ -21,11 +21,14 @@ test: install
 	OMP_WAIT_POLICY=PASSIVE TRITON_INTERPRET=1 $(PY) -m pytest -q -ra --durations=15
 	$(MAKE) test-min-transformers
 
-# The oldest transformers we support, in a throwaway venv that reuses everything else installed.
+# The oldest transformers we support (also the GPU box's), in a throwaway venv that reuses everything else
+# installed: the patch tests and the conversions' module/cache tests, where version differences bite.
 test-min-transformers:
 	rm -rf .venv-min && $(PY) -m venv --system-site-packages .venv-min
 	.venv-min/bin/pip install -q "transformers==$(MIN_TRANSFORMERS)"
-	.venv-min/bin/python -m pytest -q -p no:cacheprovider tests/attention/test_patch_families.py tests/attention/test_registry.py
+	.venv-min/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests/attention/test_patch_families.py \
+		tests/attention/test_registry.py tests/conversions/test_gqa.py tests/conversions/test_mla.py \
+		tests/conversions/test_mla_gemma3.py tests/conversions/test_linear.py tests/conversions/test_io.py
 	rm -rf .venv-min
 
 gpu-check:
