@@ -8,7 +8,7 @@ Steps, on the bundled corpus (Python docs, split by document: train / held-out e
 1. convert: every attention layer keeps its q/k/v/o weights and gets Hedgehog feature maps (identity start)
    and, with a window, a per-head softmax/linear mix (``hfa.convert(model, "linear", window=w)``);
 2. stage "attention": only the feature maps and the mix train, each layer to reproduce the original layer's
-   output on the original's own inputs (``--transfer-tokens``, lr 1e-2);
+   output on the original's own inputs (``--transfer-tokens``, lr 3e-2);
 3. stage "logits": LoRA (r=8) on q/k/v/o, KL to the original's next-token distribution (``--heal-tokens``);
 4. evaluate every step on the held-out split under one protocol (disjoint ``--context``-token windows),
    with KV-cache bytes from the real cache after ``--kv-tokens`` tokens.
@@ -31,7 +31,7 @@ def parse_args(argv=None):
     ap.add_argument("--windows", default="64,0", help="comma-separated softmax windows (0: pure linear)")
     ap.add_argument("--feature-map", default="hedgehog", help="hedgehog, elu or relu")
     ap.add_argument("--transfer-tokens", type=int, default=65536, help="stage 1 tokens (attention transfer)")
-    ap.add_argument("--transfer-lr", type=float, default=None, help="stage 1 peak lr (default 1e-2)")
+    ap.add_argument("--transfer-lr", type=float, default=None, help="stage 1 peak lr (default 3e-2)")
     ap.add_argument("--heal-tokens", type=int, default=32768, help="stage 2 tokens (LoRA, KL); 0: skip")
     ap.add_argument("--heal-lr", type=float, default=None, help="stage 2 peak lr (default 1e-3)")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")

@@ -13,7 +13,8 @@ batch the TEACHER runs once; every student linear layer then runs on the teacher
 (so layers learn independently, in parallel, as if trained layer by layer on cached inputs) and is scored by
 the relative mean squared error between its output and the teacher layer's output (after o_proj):
 ``mean over layers of ||y_student - y_teacher||^2 / ||y_teacher||^2``. Only the feature maps and the mix train
-(``trainable="feature_maps"``, the stage's default, at lr 1e-2 as in LoLCATs). Stage ``"logits"`` then trains
+(``trainable="feature_maps"``, the stage's default, at lr 3e-2: on SmolLM2-135M, window 64, 64 steps of
+2 x 512 tokens, it ends at relative MSE 0.164 against 0.209 at LoLCATs' 1e-2). Stage ``"logits"`` then trains
 LoRA adapters (or any parameters) on the KL to the teacher, as for the other conversions.
 """
 
@@ -132,7 +133,7 @@ def _check_linear_student(student) -> None:
 
 
 TRAINABLE["feature_maps"] = _modules_named("feature_map_q", "feature_map_k", "window_factor")
-DEFAULT_LR["feature_maps"] = 1e-2
+DEFAULT_LR["feature_maps"] = 3e-2
 register_stage(Stage("attention", attention_transfer_loss,
                      "per-layer attention-output MSE to the teacher, each layer on the teacher's own inputs",
                      check=_check_linear_student, default_trainable="feature_maps"))
