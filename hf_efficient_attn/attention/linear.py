@@ -42,8 +42,10 @@ from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..kernels.linear.reference import (
+    fold_into_state,
     hybrid_attention_chunked,
     hybrid_attention_reference,
+    hybrid_decode_step,
     linear_attention_chunked,
     linear_attention_recurrent,
     linear_attention_reference,
@@ -146,10 +148,11 @@ class LinearAttentionCacheLayer(CacheLayerMixin):
         return self.keys, self.values, state
 
     def write(self, keys, values, state, new_tokens: int) -> None:
+        """Store the window's keys/values and the state (None: no key has left the window yet)."""
         if not self.is_initialized:
             self.lazy_initialization(keys)
         self.keys, self.values = keys, values
-        self.state, self.normalizer = state
+        self.state, self.normalizer = (None, None) if state is None else state
         self.seen += new_tokens
 
     def get_seq_length(self, *args) -> int:
@@ -304,9 +307,26 @@ class LinearAttention(nn.Module):
             res = self._attend_torch(q, k, v, fq, fk, kpm, state, return_state)
         return res if return_state else (res, None)
 
+    def _triton_wanted(self, q) -> bool:
+        return self.backend == "triton" or (self.backend == "auto" and q.is_cuda)
+
+    def _decode_step(self, q, k, v, kpm, state):
+        """One new token of the hybrid from the cache (k, v: the cached window + the new token, all inside its
+        window): `hybrid_decode_step`, then the keys that leave the window join the state."""
+        out = hybrid_decode_step(q, k, v, self.feature_map_q(q), state,
+                                 window_factor=torch.sigmoid(self.window_factor.float()), scale=self.scaling,
+                                 eps=self.eps, key_padding_mask=kpm)
+        leaving = k.shape[2] - (self.window - 1)
+        if leaving > 0:
+            fk = self.feature_map_k(k[:, :, :leaving])
+            if kpm is not None:
+                fk = fk * kpm[:, None, :leaving, None].to(fk.dtype)
+            state = fold_into_state(state, fk, v[:, :, :leaving])
+        return out, state
+
     def _attend_triton(self, q, k, v, fq, fk, kpm, state, return_state):
         """The Triton kernels' result, or None where they do not serve this call (see `attend`)."""
-        if not (self.backend == "triton" or (self.backend == "auto" and q.is_cuda)):
+        if not self._triton_wanted(q):
             return None
         from ..kernels.linear import triton_chunked as tc
         if self.window:
@@ -361,8 +381,12 @@ class LinearAttention(nn.Module):
             ctx_k, ctx_v, state = layer.read()
             if ctx_k is not None and ctx_k.shape[2]:
                 k, v = torch.cat([ctx_k, k], 2), torch.cat([ctx_v, v], 2)
-            out, state = self.attend(q, k, v, key_padding(attention_mask, k.shape[2]), state, return_state=True)
+            kpm = key_padding(attention_mask, k.shape[2])
             keep = max(self.window - 1, 0)
+            if s == 1 and self.window and not self._triton_wanted(q):
+                out, state = self._decode_step(q, k, v, kpm, state)
+            else:
+                out, state = self.attend(q, k, v, kpm, state, return_state=True)
             layer.write(k[:, :, k.shape[2] - min(keep, k.shape[2]):], v[:, :, v.shape[2] - min(keep, v.shape[2]):],
                         state, s)
         out = out.transpose(1, 2).reshape(b, s, -1)

@@ -261,3 +261,21 @@ def test_hybrid_chunked_gradients_match_reference():
     for name, a, b in zip(["q", "k", "v", "fq", "fk", "gate"], *grads):
         assert_close_rms(a, b, name=f"d{name}")
     assert all(torch.isfinite(gr).all() and gr.abs().sum() > 0 for gr in grads[0])
+
+
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_hybrid_decode_step_equals_the_quadratic_form(n):
+    from hf_efficient_attn.kernels.linear.reference import fold_into_state, hybrid_decode_step
+
+    q, k, v, fq, fk, gate = hybrid_inputs(Sq=1, T=n)
+    _, _, older_v, _, older_fk, _ = hybrid_inputs(T=5, seed=7)
+    state = fold_into_state(None, older_fk, older_v)          # five keys older than the window
+    kpm = torch.ones(2, n, dtype=torch.bool)
+    kpm[0, 0] = n == 1                                  # a padded key in row 0 (never the query's own)
+    want = hybrid_attention_reference(q, k, v, fq, fk, window=4, window_factor=gate, initial_state=state,
+                                      key_padding_mask=kpm)
+    got = hybrid_decode_step(q, k, v, fq, state, window_factor=gate, key_padding_mask=kpm)
+    assert_close_rms(got, want)
+    s, z = fold_into_state(state, fk[:, :, :1], v[:, :, :1])
+    torch.testing.assert_close(s, state[0] + fk[:, :, 0, :, None] * v[:, :, 0, None, :])
+    torch.testing.assert_close(z, state[1] + fk[:, :, 0])

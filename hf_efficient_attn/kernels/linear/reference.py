@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_linear_inputs", "hybrid_attention_chunked", "hybrid_attention_reference",
-           "linear_attention_chunked", "linear_attention_recurrent", "linear_attention_reference"]
+__all__ = ["check_linear_inputs", "fold_into_state", "hybrid_attention_chunked", "hybrid_attention_reference",
+           "hybrid_decode_step", "linear_attention_chunked", "linear_attention_recurrent", "linear_attention_reference"]
 
 
 # -- checks ---------------------------------------------------------------------------------------------
@@ -386,3 +386,42 @@ def hybrid_attention_chunked(q, k, v, fq, fk, *, window, window_factor=1.0, scal
     s = s + fk_real[:, :, folded:e].to(acc).transpose(-1, -2) @ v[:, :, folded:e].to(acc)
     z = z + fk_real[:, :, folded:e].to(acc).sum(2)
     return out, (s, z)
+
+
+# -- decoding: one new token per sequence, few and small ops (per-op overhead dominates at this size) -----
+
+def fold_into_state(state, fk, v):
+    """(S + fk^T v, z + sum fk): keys fk [B, Hkv, n, F] with values v [B, Hkv, n, D] join the state (fp32);
+    state None = zeros."""
+    acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+    fk, v = fk.to(acc), v.to(acc)
+    s, z = fk.transpose(-1, -2) @ v, fk.sum(2)
+    return (s, z) if state is None else (state[0] + s, state[1] + z)
+
+
+def hybrid_decode_step(q, k, v, fq, state, *, window_factor=1.0, scale=None, eps=1e-6, key_padding_mask=None):
+    """`hybrid_attention_reference` for ONE query per sequence whose every key is inside its window.
+
+    q: [B, H, 1, Dk], fq: [B, H, 1, F]; k: [B, Hkv, n, Dk], v: [B, Hkv, n, D] with n <= window (the cached window
+    and the new token, which is last); state: (S, z) of every older key, or None. Returns out [B, H, 1, D]; the
+    caller folds the key that leaves the window into the state (`fold_into_state`). Equal to the quadratic form
+    (tested), with a handful of ops instead of masks over positions."""
+    B, H, _, dk = q.shape
+    hkv, n, D = k.shape[1], k.shape[2], v.shape[-1]
+    g = H // hkv
+    acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+    scale = dk ** -0.5 if scale is None else scale
+    qg = q.to(acc).reshape(B, hkv, g, dk)
+    scores = scale * (qg @ k.to(acc).transpose(-1, -2))                                  # (B, Hkv, g, n)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, -n:], float("-inf"))
+    m = scores.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    gate = torch.as_tensor(window_factor, dtype=acc, device=q.device).expand(H).reshape(1, hkv, g, 1)
+    p = gate * torch.exp(scores - m)
+    num, den = p @ v.to(acc), p.sum(-1)                                                # (B, Hkv, g, D), (B, Hkv, g)
+    if state is not None:
+        fg = fq.to(acc).reshape(B, hkv, g, -1)
+        num = num + fg @ state[0].to(acc)
+        den = den + (fg @ state[1].to(acc)[..., None])[..., 0]
+    return (num / (den[..., None] + eps)).reshape(B, H, 1, D).to(v.dtype)
