@@ -41,7 +41,7 @@ def probe_kl(student, teacher, ids: torch.Tensor) -> float:
 
 
 def parse_args(argv, description, model, ranks, out, calibration_tokens=16384, eval_tokens=8192,
-               rope_ranking="norms", heal_lr=3e-4, heal_warmup=0.05):
+               rope_ranking="rotation", heal_lr=3e-4, heal_warmup=0.05):
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default=model, help="bundled name, local checkpoint or Hub id")
     ap.add_argument("--ranks", default=ranks, help="comma-separated kv_lora_rank:rope_dim")

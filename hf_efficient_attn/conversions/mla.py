@@ -20,7 +20,8 @@ data (the identity when there is none). Per layer, in float64:
    planes, loses its rotation: the only approximation besides the rank. With d_r = Hkv * R every plane is
    kept (for MQA: d_r = D) and this step is exact. ``rope_ranking="rotation"`` also weights plane f by how far
    it turns over the distances that matter, E_t 2|sin(theta_f t / 2)| (`rotation_weight`): a slow plane is
-   position-free already and costs little to drop (Gemma 3 270M, r=192 d_r=64: 36.6 vs 71.5 held-out ppl).
+   position-free already and costs little to drop (Gemma 3 270M, r=192 d_r=64: 36.6 vs 71.5 held-out ppl;
+   SmolLM2-135M, r=128 d_r=64: 21.43 vs 26.08): the default.
 3. **Joint low rank of [K_nope; V]** (2 Hkv D rows, rank <= 2 Hkv D - d_r), after scaling the K rows by
    alpha = sqrt(E||v||^2 / E||k_nope||^2) so keys and values weigh the same (undone in the up-projection):
    ``"weights"``: truncated SVD of the stacked weights; ``"activations"``: PCA of the stacked activations
@@ -403,7 +404,7 @@ def _qk_norm_mla_layer(attn, moments, o_w, hq, hkv, rotary, kv_lora_rank, rope_d
 
 def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "attention", calibration=None,
                 tokenizer=None, calibration_tokens: int = 16384, seq_len: int = 512, batch_size: int = 4,
-                dropped_rope: str = "keep", rope_distance: int = 512, rope_ranking: str = "norms",
+                dropped_rope: str = "keep", rope_distance: int = 512, rope_ranking: str = "rotation",
                 progress: bool = False):
     """A copy of `model` with MLA attention (`model` is not modified): a `LlamaMLAForCausalLM` from a Llama, a
     `Gemma3MLAForCausalLM` from a Gemma 3 text model.
@@ -419,8 +420,9 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "attentio
     kept and the fraction of K/V energy the rank keeps. dropped_rope: what the RoPE planes left out of the
     RoPE key become: ``"keep"`` (unrotated, MHA2MLA) or ``"expected"`` (their rotation averaged over
     distances 0 .. rope_distance - 1, `expected_rotation`). rope_ranking: which RoPE planes the RoPE key keeps:
-    ``"norms"`` (by ||q_f|| ||k_f||, MHA2MLA) or ``"rotation"`` (that times how much the plane turns over distances
-    0 .. rope_distance - 1, `rotation_weight`: slow planes, nearly position-free already, go first).
+    ``"norms"`` (by ||q_f|| ||k_f||, MHA2MLA) or ``"rotation"`` (the default: that times how much the plane turns
+    over distances 0 .. rope_distance - 1, `rotation_weight`: slow planes, nearly position-free already, go first;
+    training-free at r=128 d_r=64 on SmolLM2-135M, 4,088 held-out tokens: 21.43 ppl vs 26.08 by norms).
     """
     family = _check_family(model)
     _check_ranks(model, kv_lora_rank, rope_dim)
