@@ -91,6 +91,7 @@ def linear_layers(model) -> dict[int, LinearAttention]:
 
 
 def _decoder_layers(model):
+    """The decoder layers of a causal LM (unwrapping DDP's .module)."""
     inner = getattr(model, "module", model)
     base = getattr(inner, "model", inner)
     return base.layers
@@ -111,8 +112,8 @@ def attention_transfer_loss(student, teacher, input_ids, **_):
 
     handles = [teachers[i].self_attn.register_forward_hook(capture(i), with_kwargs=True) for i in students]
     try:
-        with torch.no_grad():
-            teacher(input_ids=input_ids, use_cache=False)
+        with torch.no_grad():                  # only the layers' inputs/outputs matter: skip most of the vocab head
+            teacher(input_ids=input_ids, use_cache=False, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
