@@ -50,7 +50,7 @@ from ..kernels.linear.reference import (
     linear_attention_recurrent,
     linear_attention_reference,
 )
-from .registry import log_once
+from .registry import HFAMask, log_once
 
 __all__ = ["FEATURE_MAPS", "FAMILIES", "LinearAttention", "LinearAttentionCacheLayer", "linear_model_class",
            "make_feature_map"]
@@ -220,11 +220,15 @@ def _cache_layer(cache, layer_idx: int, window: int) -> LinearAttentionCacheLaye
 def key_padding(attention_mask, kv_len: int):
     """The (B, kv_len) bool mask of real keys (True = attend) from whatever the model built, or None.
 
-    2-D: a key-padding mask (the "hfa" implementation's compressed form); 4-D bool or additive (B, 1, S, T):
+    Our HFAMask: its key padding (structured) or last row (explicit); 2-D: a key-padding mask; 4-D bool or additive (B, 1, S, T):
     the last query row (it may attend every real key before it). Only the last `kv_len` keys are returned."""
     if attention_mask is None:
         return None
-    if attention_mask.dim() == 4:
+    if isinstance(attention_mask, HFAMask):  # ours: read its structure, never build the S x S mask
+        mask = attention_mask.key_padding() if attention_mask.structured else attention_mask.allowed()[:, 0, -1, :]
+        if mask is None:
+            return None
+    elif attention_mask.dim() == 4:
         row = attention_mask[:, 0, -1, :]
         mask = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
     elif attention_mask.dim() == 2:

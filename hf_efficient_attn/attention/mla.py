@@ -58,6 +58,7 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
 
 from ..kernels.mla import absorb_query, expand_latent_output, latent_attention_reference
+from .registry import HFAMask
 
 __all__ = ["DECODE_MODES", "Gemma3MLAAttention", "Gemma3MLAConfig", "Gemma3MLAForCausalLM", "LlamaMLAConfig",
            "LlamaMLAForCausalLM", "MLAAttention", "latent_cache"]
@@ -117,6 +118,8 @@ def _bool_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int):
     """The model's mask as (bool (B or 1, 1, S, T) True = attend, or None, causal?)."""
     if attention_mask is None:
         return None, q_len > 1                                # None: causal for a chunk, all for one token
+    if isinstance(attention_mask, HFAMask):                   # ours: the bool mask it describes
+        return attention_mask.allowed()[..., -kv_len:], False
     if attention_mask.dtype == torch.bool:
         mask = attention_mask
     else:                                                     # eager: additive, 0 = attend, finfo.min = masked

@@ -7,28 +7,30 @@ attention function of every layer through ``AttentionInterface``. We register th
     "hfa_reference"  the blockwise plain-PyTorch reference (exact everywhere, any device)
     "hfa_triton"     the Triton kernels (CUDA, or the interpreter with TRITON_INTERPRET=1)
 
-**What the attention function receives as ``attention_mask``.** Our mask function first asks
-transformers' own SDPA mask builder for the exact mask (a 4-D bool tensor, or None when SDPA would
-rely on ``is_causal``). When that mask is exactly "causal or bidirectional, maybe a sliding window,
-plus key padding" with queries aligned to the end of the keys, it is replaced by the 2-D key padding
-mask ``[B, kv_len]`` (or None when nothing is padded), so kernels can skip blocks instead of reading
-an S x S mask. Anything else (packed sequences found from position_ids, chunked or bidirectional
-overlays, static caches, custom 4-D masks) stays a 4-D mask and is applied as is. So:
+**What the layers and our attention function receive as ``attention_mask``.** Always an
+:class:`HFAMask`: to the model, the eager-format 4-D mask (``[B, 1, q_len, kv_len]``, 0 = attend,
+``finfo.min`` = masked), built only if a layer touches it, so layers that index, rewrite or add the mask
+themselves behave exactly as under eager. To our attention function, its structure: when the mask is
+exactly "causal or bidirectional, maybe a sliding window, plus key padding" with queries aligned to the
+end of the keys, the kernels get (causal, window, key padding) and skip blocks instead of reading an
+S x S mask; anything else (packed sequences found from position_ids, overlays, static caches) is an
+explicit bool mask applied as is. The mask is the truth, as in eager: a structured mask's causal flag
+and window win over the layer's ``is_causal``/``sliding_window`` kwargs (PhiMoE builds a window mask and
+never passes the window). A mask a layer rewrote arrives as a plain 4-D tensor and is applied as is.
+``None`` (a layer that drops the mask) means: causal iff the module is causal, the ``sliding_window``
+kwarg, no padding (what SDPA does with None).
 
-* ``None``  -> no padding; causal iff the module is causal (``is_causal`` kwarg, else
-  ``module.is_causal``), sliding window from the ``sliding_window`` kwarg. With one query token
-  causal and full attention coincide (bottom-right alignment).
-* 2-D bool -> the same plus key padding.
-* 4-D      -> the mask says everything about which pairs attend; causal/window are not re-applied.
-
-This is the same contract transformers' flash-attention path relies on (``is_causal`` and
-``sliding_window`` come with every call), and the tiny-model tests check it family by family.
+**Keyword arguments.** Every kwarg of a call is understood (``UNDERSTOOD_KWARGS``: sliding_window,
+softcap, s_aux and per-query sinks, position_bias, is_causal, packed-sequence lengths), known to be
+harmless (``HARMLESS_KWARGS``), or unknown: then backend "auto" runs the layer's own eager function
+for that call (logged once) and "reference"/"triton" raise naming the kwarg. Never dropped silently.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -54,52 +56,211 @@ def log_once(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# mask function
+# the mask object
 # ---------------------------------------------------------------------------------------------
 
-def _structured_mask(batch_size, q_length, kv_length, q_offset, kv_offset, padding, local_size, causal, device):
-    """The 4-D bool mask that (causal|bidirectional, window, key padding) describes, as transformers builds it."""
-    q_pos = torch.arange(q_length, device=device)[:, None] + q_offset
-    kv_pos = torch.arange(kv_length, device=device)[None, :] + kv_offset
-    allowed = torch.ones(q_length, kv_length, dtype=torch.bool, device=device)
+_CHECK_ELEMENTS = 1 << 22  # mask entries evaluated at once when verifying a structure (bounded memory)
+
+
+class HFAMask(torch.Tensor):
+    """The attention mask our mask function hands to the model: an eager-format 4-D mask that knows its structure.
+
+    To the model it is the tensor eager attention would receive: shape ``[B, 1, q_len, kv_len]``, dtype the
+    model's (0 = attend, ``finfo.min`` = masked). Any operation a layer applies to it (indexing, ``where``,
+    adding it to scores, ...) runs on that dense tensor, built on first use and kept, so a layer that reads
+    or rewrites the mask gets exactly what eager would give it, and a rewritten mask reaches our attention
+    function as the plain 4-D tensor it now is. Our attention function reads the structure instead and
+    never builds it:
+
+    * structured: ``causal`` (bottom-right aligned), ``window`` (keys ``p - j < window``; None = no window)
+      and ``padding`` (``[B, kv_len]`` bool, True = real key; None = no padding), so the kernels skip
+      blocks and a long context never materialises S x S. The structure travels with the mask: a layer
+      that builds a window mask but does not pass ``sliding_window=`` still gets its window.
+    * explicit: ``allowed`` (``[B, 1, q_len, kv_len]`` bool) for every other pattern (packed sequences,
+      overlays, static caches), consumed as the exact mask it is.
+    """
+
+    causal: bool
+    window: int | None
+    padding: torch.Tensor | None
+    explicit: torch.Tensor | None
+
+    @staticmethod
+    def __new__(cls, shape, dtype, device, *, causal=False, window=None, padding=None, explicit=None):
+        r = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=False)
+        r.causal, r.window, r.padding, r.explicit = bool(causal), window, padding, explicit
+        r._dense = None
+        return r
+
+    @property
+    def structured(self) -> bool:
+        return self.explicit is None
+
+    def same(self) -> "HFAMask":
+        """A new handle on the same mask (ops that would return the mask unchanged return this)."""
+        out = HFAMask(self.shape, self.dtype, self.device, causal=self.causal, window=self.window,
+                      padding=self.padding, explicit=self.explicit)
+        out._dense = self._dense
+        return out
+
+    def allowed(self) -> torch.Tensor:
+        """The bool mask ``[B, 1, q_len, kv_len]`` (True = may attend). Materialises the whole mask."""
+        if self.explicit is not None:
+            return self.explicit
+        B, _, Sq, Skv = self.shape
+        return _structure_rows(B, 0, Sq, Sq, Skv, self.causal, self.window, self.padding, self.device)
+
+    def dense(self) -> torch.Tensor:
+        """The eager-format mask: 0 where attending, ``finfo(dtype).min`` elsewhere (built once, then kept)."""
+        if self._dense is None:
+            allowed = self.allowed()
+            zero = torch.zeros((), dtype=self.dtype, device=self.device)
+            self._dense = torch.where(allowed, zero, torch.finfo(self.dtype).min)
+        return self._dense
+
+    def key_padding(self) -> torch.Tensor | None:
+        """``[B, kv_len]`` bool of the real keys, None when nothing is padded (structured masks only)."""
+        if self.explicit is not None:
+            raise ValueError("an explicit mask has no separate key padding; use allowed()")
+        return self.padding
+
+    def __repr__(self):
+        if self.explicit is not None:
+            return f"HFAMask(explicit, shape={tuple(self.shape)})"
+        return (f"HFAMask(causal={self.causal}, window={self.window}, "
+                f"padding={'none' if self.padding is None else tuple(self.padding.shape)}, shape={tuple(self.shape)})")
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func in (aten.detach.default, aten.alias.default) and isinstance(args[0], HFAMask):
+            return args[0].same()
+        if func is aten.slice.Tensor and isinstance(args[0], HFAMask):  # x[..., :n] that keeps everything
+            t, dim = args[0], (args[1] if len(args) > 1 else kwargs.get("dim", 0)) % 4
+            start = args[2] if len(args) > 2 else kwargs.get("start")
+            end = args[3] if len(args) > 3 else kwargs.get("end")
+            step = args[4] if len(args) > 4 else kwargs.get("step", 1)
+            if (start in (None, 0)) and (end is None or end >= t.shape[dim]) and step == 1:
+                return t.same()
+
+        def unwrap(x):
+            return x.dense() if isinstance(x, HFAMask) else x
+
+        return func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs))
+
+
+def _structure_rows(batch_size, r0, r1, q_length, kv_length, causal, window, padding, device):
+    """Rows r0:r1 of the bool mask a structure describes, queries aligned to the end of the keys."""
+    q_pos = torch.arange(r0, r1, device=device)[:, None] + (kv_length - q_length)
+    kv_pos = torch.arange(kv_length, device=device)[None, :]
+    allowed = torch.ones(r1 - r0, kv_length, dtype=torch.bool, device=device)
     if causal:
         allowed = kv_pos <= q_pos
-        if local_size is not None:
-            allowed = allowed & (q_pos - kv_pos < local_size)
-    allowed = allowed[None, None].expand(batch_size, 1, q_length, kv_length)
+        if window is not None:
+            allowed = allowed & (q_pos - kv_pos < window)
+    allowed = allowed[None, None].expand(batch_size, 1, r1 - r0, kv_length)
     if padding is not None:
         allowed = allowed & padding[:, None, None, :]
     return allowed
 
 
-def hfa_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-             attention_mask=None, local_size=None, **kwargs):
-    """AttentionMaskInterface function for our names: a 2-D key padding mask, None, or an exact 4-D mask."""
-    kwargs.pop("dtype", None)
-    if mask_function is None:
-        from transformers.masking_utils import causal_mask_function as mask_function
-    full = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                     local_size=local_size, **kwargs)
-    if full is None:
+def _closure(fn) -> dict:
+    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+
+
+def _recognised_structure(mask_function):
+    """(causal, window) for transformers' own causal / sliding-window / bidirectional mask functions, else None.
+
+    Recognised by code object, so an equal-looking user function is verified instead (``_verified_structure``)."""
+    from transformers import masking_utils as mu
+    if mask_function is mu.causal_mask_function:
+        return True, None
+    if mask_function is mu.bidirectional_mask_function:
+        return False, None
+    if getattr(mask_function, "__code__", None) is mu.and_masks(mu.causal_mask_function).__code__:
+        parts = _closure(mask_function).get("mask_functions", ())
+        if len(parts) == 2 and parts[1] is mu.causal_mask_function and \
+                getattr(parts[0], "__code__", None) is mu.sliding_window_overlay(1).__code__:
+            window = _closure(parts[0]).get("sliding_window")
+            if isinstance(window, int) and window >= 1:
+                return True, window
+    return None
+
+
+def _window_guess(last_row, padding):
+    """The causal window the last query row suggests (its first attended key), or None. Only a guess:
+    ``_verified_structure`` checks it against every row."""
+    b = 0 if padding is None else int(padding.sum(-1).argmax())
+    seen = last_row[b, 0, 0].nonzero()
+    if len(seen) == 0 or int(seen[0]) == 0:
         return None
-    if isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor):
-        return full  # static caches: lengths differ from what is written, keep the exact mask
-    if q_offset + q_length != kv_offset + kv_length:
-        return full  # queries are not aligned to the end of the keys
-    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    if padding is not None:
-        padding = padding[:, kv_offset:kv_offset + kv_length].to(device=full.device, dtype=torch.bool)
-    for causal in (True, False):
-        if causal is False and local_size is not None:
-            break
-        candidate = _structured_mask(batch_size, q_length, kv_length, q_offset, kv_offset, padding,
-                                     local_size, causal, full.device)
-        if torch.equal(candidate, full):
-            if padding is None or bool(padding.all()):
-                return None
-            return padding
-    return full
+    return last_row.shape[-1] - int(seen[0])
+
+
+def _verified_structure(candidates, exact_rows, batch_size, q_length, kv_length, padding, device):
+    """The first (causal, window) candidate whose mask equals the exact one, checked a few rows at a time."""
+    rows = max(1, _CHECK_ELEMENTS // max(1, batch_size * kv_length))
+    alive = list(candidates)
+    for r0 in range(0, q_length, rows):
+        r1 = min(q_length, r0 + rows)
+        exact = exact_rows(r0, r1)
+        alive = [c for c in alive if torch.equal(
+            _structure_rows(batch_size, r0, r1, q_length, kv_length, *c, padding, device), exact)]
+        if not alive:
+            return None
+    return alive[0]
+
+
+def hfa_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+             attention_mask=None, local_size=None, dtype=torch.float32, **kwargs):
+    """AttentionMaskInterface function for our names: always an :class:`HFAMask` (never None).
+
+    Structured when the mask transformers asks for is exactly causal (or bidirectional), maybe a sliding
+    window, plus key padding, with queries aligned to the end of the keys: transformers' own mask
+    functions are recognised at no cost; any other function is evaluated a few rows at a time and
+    compared (exact, memory bounded). Everything else is an explicit mask, exactly as sdpa_mask builds it.
+    """
+    from transformers.masking_utils import causal_mask_function
+    for k in ("allow_is_causal_skip", "allow_is_bidirectional_skip", "allow_torch_fix"):
+        kwargs.pop(k, None)
+    if mask_function is None:
+        mask_function = causal_mask_function
+    device = torch.device(kwargs.get("device", "cpu"))
+    if attention_mask is not None:
+        device = attention_mask.device
+    kwargs["device"] = device
+    shape = (batch_size, 1, q_length, kv_length)
+
+    def exact_rows(r0, r1):
+        return sdpa_mask(batch_size=batch_size, q_length=r1 - r0, kv_length=kv_length, q_offset=q_offset + r0,
+                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                         local_size=local_size, allow_is_causal_skip=False, **kwargs)
+
+    static = isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor)
+    aligned = not static and q_offset + q_length == kv_offset + kv_length
+    if not static:
+        padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        if padding is not None:
+            padding = padding[:, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)
+            if bool(padding.all()):
+                padding = None
+        structure = _recognised_structure(mask_function)
+        if structure is None:
+            candidates = [(True, local_size), (True, None), (False, None)] if aligned else [(False, None)]
+            if aligned and local_size is None and q_length > 0:  # a window nobody told us about?
+                candidates.insert(0, (True, _window_guess(exact_rows(q_length - 1, q_length), padding)))
+            structure = _verified_structure(dict.fromkeys(candidates), exact_rows, batch_size, q_length, kv_length,
+                                            padding, device)
+        if structure is not None and (aligned or structure == (False, None)):
+            causal, window = structure
+            if window is not None and window >= kv_length:
+                window = None  # a window longer than every key cuts nothing
+            return HFAMask(shape, dtype, device, causal=causal, window=window, padding=padding)
+    explicit = exact_rows(0, q_length).expand(shape)
+    return HFAMask(shape, dtype, device, explicit=explicit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +350,52 @@ def softmax_attention(q, k, v, *, backend="auto", **opts):
     return softmax_attention_reference(q, k, v, **opts)[0]
 
 
+# Keyword arguments an attention call may carry. UNDERSTOOD ones change the math and are translated into
+# kernel options; HARMLESS ones do not change the output (bookkeeping, or read by the layer itself). A kwarg in
+# neither list is unknown: "auto" runs the layer's own eager function for that call (exact by definition),
+# "reference"/"triton" raise naming it. A kwarg whose value is None/False is always harmless (feature off).
+UNDERSTOOD_KWARGS = frozenset({
+    "sliding_window", "softcap", "s_aux", "sinks", "position_bias", "is_causal",
+    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+})
+HARMLESS_KWARGS = frozenset({
+    "position_ids", "position_embeddings", "output_attentions", "use_cache", "cache_position", "cache",
+    "past_key_values", "past_key_value", "layer_idx", "layer_head_mask", "head_mask", "query_length",
+    "target_dtype", "attention_type", "implementation", "return_dict", "token_type_ids", "seq_idx",
+})
+
+
+def unknown_kwargs(kwargs) -> list[str]:
+    """Names of the kwargs of one attention call that we neither understand nor know to be harmless."""
+    out = []
+    for name, value in kwargs.items():
+        if name in UNDERSTOOD_KWARGS or name in HARMLESS_KWARGS or value is None or value is False:
+            continue
+        out.append(name)
+    return sorted(out)
+
+
+def _eager_function(module):
+    """The eager attention function of the layer's own modeling module (the definition of exact), or None."""
+    mod = sys.modules.get(type(module).__module__)
+    fn = getattr(mod, "eager_attention_forward", None)
+    return fn if callable(fn) else None
+
+
+def _eager_mask(attention_mask, dtype):
+    """Whatever mask we hold, in the form eager attention adds to its scores."""
+    if attention_mask is None:
+        return None
+    if isinstance(attention_mask, HFAMask):
+        return attention_mask.dense().to(dtype)
+    if attention_mask.dtype == torch.bool:
+        if attention_mask.dim() == 2:
+            attention_mask = attention_mask[:, None, None, :]
+        return torch.where(attention_mask, torch.zeros((), dtype=dtype, device=attention_mask.device),
+                           torch.finfo(dtype).min)
+    return attention_mask
+
+
 def _options_from_call(module, query, key, attention_mask, scaling, dropout, kwargs):
     """Translate one transformers attention call into our kernel options (see the module docstring)."""
     is_causal = kwargs.get("is_causal")
@@ -197,27 +404,69 @@ def _options_from_call(module, query, key, attention_mask, scaling, dropout, kwa
     opts = dict(scale=scaling, causal=bool(is_causal), window=kwargs.get("sliding_window"),
                 softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"), key_padding_mask=None,
                 attn_mask=None, cu_seqlens_q=None, cu_seqlens_k=None, dropout_p=float(dropout or 0.0))
+    if kwargs.get("sinks") is not None:
+        if opts["sinks"] is not None:
+            raise ValueError("an attention call passed both s_aux= and sinks=; only one sink logit is defined")
+        opts["sinks"] = kwargs["sinks"]
     if opts["softcap"] is not None and opts["softcap"] <= 0:
         opts["softcap"] = None
-    if attention_mask is not None:
+    Sq, Skv = query.shape[2], key.shape[2]
+    if isinstance(attention_mask, HFAMask) and attention_mask.structured and \
+            tuple(attention_mask.shape[-2:]) == (Sq, Skv):
+        # the mask is the truth (as in eager): its structure, not the layer's kwargs, says causal/window
+        opts["causal"], opts["window"] = attention_mask.causal, attention_mask.window
+        opts["key_padding_mask"] = attention_mask.padding
+    elif isinstance(attention_mask, HFAMask):
+        opts["attn_mask"] = attention_mask.allowed()[:, :, :, :Skv]
+        opts["causal"], opts["window"] = False, None
+    elif attention_mask is not None:
         if attention_mask.dim() == 2:
-            if attention_mask.shape[-1] != key.shape[2]:
+            if attention_mask.shape[-1] != Skv:
                 raise ValueError(f"2-D attention mask covers {attention_mask.shape[-1]} keys but the layer has "
-                                 f"{key.shape[2]}; this cache layout is not supported")
+                                 f"{Skv}; this cache layout is not supported")
             opts["key_padding_mask"] = attention_mask.bool()
-        elif attention_mask.dim() == 4:
-            opts["attn_mask"] = attention_mask[:, :, :, : key.shape[2]]
+        elif attention_mask.dim() == 4:  # a mask the layer built or rewrote: exact as it is
+            opts["attn_mask"] = attention_mask[:, :, :, :Skv]
             opts["causal"], opts["window"] = False, None
         else:
             raise ValueError(f"attention_mask must be 2-D or 4-D, got shape {tuple(attention_mask.shape)}")
+    bias = kwargs.get("position_bias")
+    if bias is not None:  # an additive score bias joins the 4-D mask (eager: scores * scale + bias + mask)
+        m = opts["attn_mask"]
+        bias = bias.to(query.dtype)
+        opts["attn_mask"] = bias if m is None else (bias.masked_fill(~m, float("-inf")) if m.dtype == torch.bool
+                                                    else bias + m)
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is not None and cu_k is not None and opts["attn_mask"] is None and query.shape[0] == 1:
+    if cu_q is not None and cu_k is not None and opts["attn_mask"] is None and query.shape[0] == 1 \
+            and opts["key_padding_mask"] is None:
         opts["cu_seqlens_q"], opts["cu_seqlens_k"] = cu_q, cu_k
     return opts
 
 
+def _not_native_reason(kwargs) -> str | None:
+    """Why this call's kwargs cannot run on our kernels exactly (None when they can)."""
+    unknown = unknown_kwargs(kwargs)
+    if unknown:
+        return f"unknown attention kwarg(s) {', '.join(unknown)}"
+    if kwargs.get("position_bias") is not None and kwargs.get("softcap"):
+        return "position_bias together with softcap (the order of the two is not defined)"
+    return None
+
+
 def make_attention_function(backend: str):
     def hfa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        reason = _not_native_reason(kwargs)
+        if reason is not None:
+            eager = _eager_function(module)
+            if backend != "auto" or eager is None:
+                why = (f"backend={backend!r} runs only what it understands" if backend != "auto" else
+                       f"{type(module).__module__} has no eager_attention_forward to fall back to")
+                raise ValueError(f"{type(module).__name__}: {reason}; {why}. Use backend='auto' (which runs the "
+                                 f"layer's own eager attention for such calls), or the model's stock implementation.")
+            log_once(f"hf_efficient_attn: {type(module).__name__} passes {reason}; running its own eager "
+                     f"attention for these calls (exact)")
+            return eager(module, query, key, value, _eager_mask(attention_mask, query.dtype), scaling=scaling,
+                         dropout=dropout, **kwargs)
         opts = _options_from_call(module, query, key, attention_mask, scaling, dropout, kwargs)
         out = softmax_attention(query, key, value, backend=backend, **opts)  # (B, Hq, Sq, Dv)
         return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, Dv); no weights materialised

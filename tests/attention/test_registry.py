@@ -14,43 +14,82 @@ from transformers.masking_utils import (
 
 import hf_efficient_attn as hfa
 from hf_efficient_attn.attention import registry
-from hf_efficient_attn.attention.registry import hfa_mask, softmax_attention
+from hf_efficient_attn.attention.registry import HFAMask, hfa_mask, softmax_attention
 from tests.tiny_models import make_model, outputs
 
 
 def _both(**kw):
-    return hfa_mask(**kw), sdpa_mask(**kw)
+    return hfa_mask(**kw), sdpa_mask(**{**kw, "allow_is_causal_skip": False})
 
 
-def test_mask_without_padding_is_none():
-    got, _ = _both(batch_size=2, q_length=8, kv_length=8, mask_function=causal_mask_function,
-                   attention_mask=torch.ones(2, 8, dtype=torch.bool))
-    assert got is None
+def _as_bool(mask):
+    """Our eager-format mask as bool (True = attend), through the dense tensor a layer would see."""
+    return mask > torch.finfo(mask.dtype).min / 2
 
 
-def test_padded_causal_mask_compresses_to_2d():
+def test_mask_without_padding_is_structured_causal():
+    got, full = _both(batch_size=2, q_length=8, kv_length=8, mask_function=causal_mask_function,
+                      attention_mask=torch.ones(2, 8, dtype=torch.bool))
+    assert isinstance(got, HFAMask) and got.structured
+    assert got.causal and got.window is None and got.padding is None and got._dense is None  # nothing built
+    assert tuple(got.shape) == (2, 1, 8, 8) and got.dtype == torch.float32
+    assert torch.equal(_as_bool(got), full)
+
+
+def test_padded_causal_mask_carries_its_padding():
     pad = torch.ones(2, 8, dtype=torch.bool)
     pad[1, :3] = False
     got, full = _both(batch_size=2, q_length=8, kv_length=8, mask_function=causal_mask_function, attention_mask=pad)
-    assert full.dim() == 4 and got.dim() == 2 and torch.equal(got, pad)
+    assert got.structured and got.causal and torch.equal(got.padding, pad)
+    assert torch.equal(_as_bool(got), full)
 
 
-def test_sliding_window_with_cache_offset_compresses():
+def test_sliding_window_with_cache_offset_is_recognised():
     # decoding 3 tokens after 10 cached: queries sit at the end of 13 keys; window 4
     got, full = _both(batch_size=1, q_length=3, kv_length=13, q_offset=10, kv_offset=0,
                       mask_function=sliding_window_causal_mask_function(4), local_size=4,
                       attention_mask=torch.ones(1, 13, dtype=torch.bool))
-    assert full is not None and got is None
+    assert got.structured and got.causal and got.window == 4 and got.padding is None
+    assert torch.equal(_as_bool(got), full)
 
 
-def test_unusual_pattern_stays_4d_and_exact():
+def test_window_travels_with_the_mask_without_local_size():
+    # a layer/model that builds a window mask but passes no local_size (nor sliding_window= to attention):
+    # the structure is verified row block by row block, and the window is kept
+    pad = torch.ones(2, 12, dtype=torch.bool)
+    pad[0, :2] = False
+    fn = and_masks(causal_mask_function, lambda b, h, q, kv: kv > q - 5)  # not transformers' own function
+    got, full = _both(batch_size=2, q_length=12, kv_length=12, mask_function=fn, attention_mask=pad)
+    assert got.structured and got.causal and got.window == 5 and torch.equal(got.padding, pad)
+    assert torch.equal(_as_bool(got), full)
+
+
+def test_unusual_pattern_is_explicit_and_exact():
     # an extra and-mask (e.g. a custom overlay) is not expressible as causal + padding
     def even_keys(b, h, q, kv):
         return kv % 2 == 0
 
     fn = and_masks(causal_mask_function, even_keys)
-    got, full = _both(batch_size=1, q_length=6, kv_length=6, mask_function=fn, allow_is_causal_skip=False)
-    assert got.dim() == 4 and torch.equal(got, full)
+    got, full = _both(batch_size=1, q_length=6, kv_length=6, mask_function=fn)
+    assert isinstance(got, HFAMask) and not got.structured
+    assert torch.equal(got.allowed(), full) and torch.equal(_as_bool(got), full)
+
+
+def test_mask_behaves_as_the_eager_mask_under_any_op():
+    from transformers.masking_utils import eager_mask
+    pad = torch.ones(2, 7, dtype=torch.bool)
+    pad[1, :2] = False
+    kw = dict(batch_size=2, q_length=7, kv_length=7, mask_function=causal_mask_function, attention_mask=pad,
+              dtype=torch.float32)
+    got, ref = hfa_mask(**kw), eager_mask(**kw)
+    assert torch.equal(got[:, :, :, :7].dense(), ref)           # a no-op slice keeps the structure
+    assert isinstance(got[:, :, :, :7], HFAMask)
+    sliced = got[:, 0, :, :5]                                    # a real slice: the dense values
+    assert not isinstance(sliced, HFAMask) and torch.equal(sliced, ref[:, 0, :, :5])
+    scores = torch.randn(2, 3, 7, 7)
+    assert torch.equal(scores + got, scores + ref)               # layers that add the mask themselves
+    assert torch.equal(torch.where(got == 0, 1, 2), torch.where(ref == 0, 1, 2))
+    assert "causal=True" in repr(got)
 
 
 def test_registered_names_and_from_pretrained(tmp_path):

@@ -16,7 +16,9 @@ def _case(B=1, Hq=2, Hkv=1, Sq=37, Skv=53, D=12, Dv=None, kpm=False, bool_mask=F
     Dv = Dv or D
     leaves = {"q": torch.randn(B, Hq, Sq, D, dtype=F64), "k": torch.randn(B, Hkv, Skv, D, dtype=F64),
               "v": torch.randn(B, Hkv, Skv, Dv, dtype=F64)}
-    if sinks:
+    if sinks == "per-query":  # Inkling2's shape: one sink logit per query, [B, Hq, Sq, 1]
+        leaves["sinks"] = torch.randn(B, Hq, Sq, 1, dtype=F64)
+    elif sinks:
         leaves["sinks"] = torch.randn(Hq, dtype=F64)
     if float_mask:
         leaves["attn_mask"] = torch.randn(1, Hq, Sq, Skv, dtype=F64)
@@ -43,6 +45,7 @@ CASES = {
     "float-mask-grad": dict(float_mask=True, Hq=2, Hkv=2),
     "softcap": dict(softcap=1.5, causal=True, scale=0.7),
     "sinks": dict(sinks=True, Hq=4, Hkv=2, causal=True),
+    "sinks-per-query": dict(sinks="per-query", B=2, Hq=4, Hkv=2, causal=True, kpm=True),
     "packed": dict(packed=([0, 1, 20, 20, 37], [0, 7, 30, 31, 53]), causal=True, window=11, Hq=3, Hkv=1),
     "everything": dict(packed=([0, 17, 37], [0, 20, 53]), causal=True, window=15, softcap=2.0, sinks=True,
                        kpm=True, float_mask=True, Hq=4, Hkv=2),
@@ -72,6 +75,21 @@ def test_blockwise_matches_naive_forward_and_backward(name):
     ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), [leaves[n] for n in names])
     for n, g, rg in zip(names, grads, ref_grads):
         assert_close_rms(g, rg, name=f"d{n}")
+
+
+def test_per_query_sinks_match_the_explicit_formula():
+    # eager's definition (Inkling2): softmax over [scores, sink] per query, the sink column dropped
+    B, H, S, D = 2, 3, 11, 8
+    q, k, v = (torch.randn(B, H, S, D, dtype=F64) for _ in range(3))
+    sinks = torch.randn(B, H, S, 1, dtype=F64)
+    scores = (q @ k.transpose(-1, -2)) / D ** 0.5
+    scores = scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+    ref = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1] @ v
+    for sk in (sinks, sinks[..., 0]):  # [B, H, S, 1] and [B, H, S]
+        out, _ = softmax_attention_reference(q, k, v, causal=True, sinks=sk, block_q=4, block_k=5)
+        assert_close_rms(out, ref, name="out")
+    with pytest.raises(ValueError, match="one per query"):
+        softmax_attention_reference(q, k, v, sinks=torch.zeros(B, H, S + 1))
 
 
 def test_empty_query_gives_empty_output():

@@ -125,6 +125,7 @@ def test_dispatch_decode_without_grad_flash_with_grad(monkeypatch):
     (dict(dropout_p=0.1), "dropout"),
     (dict(D=300), "head_dim 300 > 256"),
     (dict(dtype=torch.float64), "dtype float64"),
+    (dict(sinks=torch.zeros(1, 4, 4, 1)), "per-query sinks; the kernels take one sink logit per head"),
 ])
 def test_unsupported_reasons(change, reason):
     change = dict(change)

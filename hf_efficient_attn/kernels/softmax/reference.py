@@ -25,7 +25,7 @@ Conventions (shared with the Triton kernels):
   It is combined with every other rule above.
 * ``softcap=c``: scores become ``c * tanh(scores / c)`` (Gemma 2), after scaling.
 * ``sinks: [Hq]``: one extra logit per head that joins the softmax denominator and has no value
-  (GPT-OSS ``s_aux``).
+  (GPT-OSS ``s_aux``); or one per query, ``[B|1, Hq, Sq]`` (or ``[B|1, Hq, Sq, 1]``, Inkling2's ``sinks``).
 * ``cu_seqlens_q / cu_seqlens_k: [N + 1]`` int: packed sequences with ``B == 1``; tokens attend only
   within their own sequence, each sequence bottom-right aligned on its own.
 * A query row that may attend nothing returns 0 and ``lse = -inf`` (never NaN).
@@ -72,8 +72,13 @@ def check_attention_inputs(q, k, v, *, key_padding_mask=None, attn_mask=None, si
                 or attn_mask.shape[1] not in (1, Hq):
             raise ValueError(f"attn_mask must be [batch|1, heads|1, q_len, kv_len] = [{B}|1, {Hq}|1, {Sq}, {Skv}], "
                              f"got {tuple(attn_mask.shape)}")
-    if sinks is not None and tuple(sinks.shape) != (Hq,):
-        raise ValueError(f"sinks must be one logit per query head, shape ({Hq},), got {tuple(sinks.shape)}")
+    if sinks is not None:
+        shape = tuple(sinks.shape)
+        per_query = len(shape) in (3, 4) and shape[0] in (1, B) and shape[1] == Hq and shape[2] == Sq \
+            and shape[3:] in ((), (1,))
+        if shape != (Hq,) and not per_query:
+            raise ValueError(f"sinks must be one logit per query head, shape ({Hq},), or one per query, "
+                             f"[batch|1, heads, q_len(, 1)] = [{B}|1, {Hq}, {Sq}(, 1)]; got {shape}")
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         raise ValueError("give both cu_seqlens_q and cu_seqlens_k (or neither)")
     if cu_seqlens_q is not None:
@@ -85,6 +90,15 @@ def check_attention_inputs(q, k, v, *, key_padding_mask=None, attn_mask=None, si
         raise ValueError(f"window must be a positive number of keys, got {window}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0, got {softcap}")
+
+
+def _sinks_per_query(sinks, Hq):
+    """Any accepted sinks shape as [B|1, Hq, Sq|1] (one logit per head broadcasts over queries)."""
+    if sinks is None:
+        return None
+    if sinks.dim() == 1:
+        return sinks.view(1, Hq, 1)
+    return sinks.reshape(sinks.shape[0], Hq, sinks.shape[2])
 
 
 def _segments(cu, n, device):
@@ -211,8 +225,9 @@ def _query_block(qb, k, v, sinks, spec, q0, q1, scale, softcap, dropout_p, block
             p = torch.nn.functional.dropout(p, dropout_p, training=True)
         acc = acc * alpha.unsqueeze(-1) + torch.matmul(p, v[:, :, k0:k1].to(acc_dtype).unsqueeze(2))
         m = m_new
-    if sinks is not None:
-        sink = sinks.to(acc_dtype).view(1, Hkv, G, 1)
+    if sinks is not None:  # sinks: [B|1, Hq, Sq|1]
+        sink = sinks[:, :, q0:q1] if sinks.shape[-1] > 1 else sinks
+        sink = sink.to(acc_dtype).unflatten(1, (Hkv, G))
         m_new = torch.maximum(m, sink)
         alpha = torch.exp(m - m_new)
         l = l * alpha + torch.exp(sink - m_new)
@@ -249,6 +264,7 @@ def softmax_attention_reference(q, k, v, *, scale=None, causal=False, window=Non
     qg = q.unflatten(1, (Hkv, G))  # (B, Hkv, G, Sq, D): query heads of one KV head side by side
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, sinks, attn_mask))
+    sinks = _sinks_per_query(sinks, Hq)
     outs, lses = [], []
     for q0 in range(0, Sq, block_q):
         q1 = min(q0 + block_q, Sq)
@@ -288,7 +304,7 @@ def softmax_attention_naive(q, k, v, *, scale=None, causal=False, window=None, s
         s = s + bias.to(dt)
     s = s.masked_fill(~allowed, -math.inf)
     if sinks is not None:
-        s = torch.cat([s, sinks.to(dt).view(1, Hq, 1, 1).expand(B, Hq, Sq, 1)], dim=-1)
+        s = torch.cat([s, _sinks_per_query(sinks, Hq).to(dt).unsqueeze(-1).expand(B, Hq, Sq, 1)], dim=-1)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse).unsqueeze(-1))
     if sinks is not None:

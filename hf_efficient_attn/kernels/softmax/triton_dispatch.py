@@ -56,6 +56,8 @@ def triton_unsupported_reason(q, k, v, *, scale=None, causal=False, window=None,
         return "arbitrary 4-D attn_mask"
     if dropout_p:
         return "dropout"
+    if sinks is not None and sinks.dim() != 1:
+        return "per-query sinks; the kernels take one sink logit per head"
     if q.dtype not in _DTYPES:
         return f"dtype {str(q.dtype).replace('torch.', '')}"
     if k.dtype != q.dtype or v.dtype != q.dtype:
