@@ -5,7 +5,9 @@
 A conversion is a function ``fn(model, **options) -> new_model`` that never modifies `model`. Adding
 one is one line in `CONVERSIONS` (or `register_conversion` from outside the package). Options are
 checked against the function's signature before anything runs, so a typo fails at once with the
-list of accepted options.
+list of accepted options. Before a conversion runs, the model must be a transformers model with finite
+weights (the first NaN/inf tensor is named); after it, the new model's weights are checked again, so a
+conversion never hands back NaN silently.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
+import torch
+
+from ..errors import ConversionError, HFAError, OptionError
 from .gqa import convert_gqa
+from .io import check_finite
 
 __all__ = ["CONVERSIONS", "convert", "options_of", "register_conversion"]
 
@@ -25,7 +31,7 @@ CONVERSIONS: dict[str, Callable] = {
 def register_conversion(name: str, fn: Callable) -> None:
     """Make `fn(model, **options) -> new_model` available as ``convert(model, name, ...)``."""
     if name in CONVERSIONS and CONVERSIONS[name] is not fn:
-        raise ValueError(f"a conversion named {name!r} is already registered ({CONVERSIONS[name].__qualname__})")
+        raise HFAError(f"a conversion named {name!r} is already registered ({CONVERSIONS[name].__qualname__})")
     CONVERSIONS[name] = fn
 
 
@@ -38,18 +44,33 @@ def options_of(name: str) -> dict[str, object]:
 def convert(model, conversion: str, /, **options):
     """A converted copy of `model` (which is not modified). conversion: a name in `CONVERSIONS`.
 
-    Raises ``ValueError`` for an unknown conversion and ``TypeError`` for an option the conversion does
-    not accept or a required option left out, naming the accepted ones.
+    Raises `HFAError` (a ``ValueError``) for an unknown conversion, `OptionError` (a ``TypeError``) for an option
+    the conversion does not accept or a required option left out, naming the accepted ones, and
+    `NonFiniteError` when `model` (or the result) holds a NaN or infinite weight.
     """
-    if conversion not in CONVERSIONS:
-        raise ValueError(f"unknown conversion {conversion!r}; the conversions are: {', '.join(CONVERSIONS)}")
+    if not isinstance(conversion, str) or conversion not in CONVERSIONS:
+        raise HFAError(f"unknown conversion {conversion!r}; the conversions are: {', '.join(CONVERSIONS)}")
     accepted = options_of(conversion)
     unknown = [k for k in options if k not in accepted]
     if unknown:
-        raise TypeError(f"conversion {conversion!r} got unknown option(s) {', '.join(map(repr, unknown))}; it "
+        raise OptionError(f"conversion {conversion!r} got unknown option(s) {', '.join(map(repr, unknown))}; it "
                         f"accepts: {', '.join(accepted)}")
     missing = [k for k, v in accepted.items() if v is inspect.Parameter.empty and k not in options]
     if missing:
-        raise TypeError(f"conversion {conversion!r} needs option(s) {', '.join(map(repr, missing))} "
+        raise OptionError(f"conversion {conversion!r} needs option(s) {', '.join(map(repr, missing))} "
                         f"(accepted: {', '.join(accepted)})")
-    return CONVERSIONS[conversion](model, **options)
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
+        raise OptionError(f"convert takes a transformers model (e.g. from AutoModelForCausalLM.from_pretrained or "
+                          f"hfa.load_model), got a {type(model).__name__}")
+    check_finite(model, "the model to convert", "Converting would spread it into every merged weight: reload the "
+                                                "checkpoint or fix that tensor first")
+    try:
+        new = CONVERSIONS[conversion](model, **options)
+    except torch.linalg.LinAlgError as e:
+        raise ConversionError(f"conversion {conversion!r} failed in a matrix factorization ({str(e).splitlines()[0]}): "
+                              "the weights or calibration activations are degenerate (e.g. inf after an fp16 "
+                              "overflow). Convert in float32, or with other calibration text") from e
+    check_finite(new, f"the result of conversion {conversion!r}",
+                 "The conversion overflowed (calibration activations in fp16/bf16?): convert the model in "
+                 "float32, or with other calibration text")
+    return new

@@ -16,8 +16,13 @@ need their own objective (linear attention: layer-wise attention-output transfer
 with `register_stage`; ``"attention"`` is reserved for it.
 
 What trains (`trainable`; None: the stage's default, "kv" for "logits"): ``"kv"`` (k/v projections: all that GQA pooling changed), ``"attention"``
-(all attention projections), ``"all"``, ``"lora"`` (LoRA adapters on the attention projections
+(all attention projections), ``"all"``, ``"lora"`` (LoRA adapters on every linear layer inside the
+student's attention modules, whatever the conversion made them: q/k/v/o, MLA's kv_a_proj/k_rope_proj/kv_b_proj;
 through peft, merged into the weights at the end), or a callable ``(name, param) -> bool``.
+
+Finite checks: teacher and student must have finite weights; every step's loss and gradient norm is checked
+before the optimizer applies it, and the first non-finite one stops the run with `NonFiniteError`, leaving the
+student with the weights of the last finite step (with LoRA: as it came, the adapters dropped).
 
 Checkpoints: with `checkpoint_dir` and `checkpoint_every`, the trainable weights, optimizer and
 scheduler state, step and loss history are written atomically every N steps; calling `distill`
@@ -38,12 +43,14 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
-from .io import token_blocks
+from ..errors import HFAError, NonFiniteError
+from .io import check_finite, token_blocks
 
-__all__ = ["DistillResult", "RESERVED_STAGES", "STAGES", "Stage", "TRAINABLE", "distill", "logits_loss",
-           "lr_factor", "register_stage"]
+__all__ = ["DistillResult", "RESERVED_STAGES", "STAGES", "Stage", "TRAINABLE", "attention_linear_names", "distill",
+           "logits_loss", "lr_factor", "register_stage"]
 
 STATE_FILE = "distill_state.pt"
 
@@ -98,11 +105,11 @@ def register_stage(stage: Stage) -> None:
 def _stage(name: str, student) -> Stage:
     if name not in STAGES:
         if name in RESERVED_STAGES:
-            raise ValueError(
+            raise HFAError(
                 f"stage={name!r} is {RESERVED_STAGES[name]}. No conversion in use registered it, and this model "
                 f"keeps softmax attention ({type(student).__name__}, e.g. after a GQA conversion): heal it with "
                 f"stage='logits'. Registered stages: {', '.join(STAGES)}")
-        raise ValueError(f"unknown stage {name!r}; the stages are: {', '.join(STAGES)}")
+        raise HFAError(f"unknown stage {name!r}; the stages are: {', '.join(STAGES)}")
     stage = STAGES[name]
     if stage.check is not None:
         stage.check(student)
@@ -121,7 +128,27 @@ TRAINABLE: dict[str, Callable] = {
     "all": lambda name, p: True,
 }
 DEFAULT_LR = {"kv": 1e-3, "attention": 1e-4, "all": 3e-5, "lora": 1e-3, "callable": 1e-4}
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")   # the fallback when no attention module is found
+
+
+def _is_attention(name: str, module: nn.Module) -> bool:
+    return type(module).__name__.endswith("Attention") or name.rsplit(".", 1)[-1] in ("self_attn", "attn", "attention")
+
+
+def attention_linear_names(model) -> list[str]:
+    """Full names of the ``nn.Linear`` layers inside the attention modules of `model`, in model order: the LoRA
+    targets of ``trainable="lora"`` (q/k/v/o of softmax and linear attention, MLA's q_proj, kv_a_proj, k_rope_proj,
+    kv_b_proj and o_proj, ...). Without a recognisable attention module: the modules named in `LORA_TARGETS`."""
+    names: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if name and _is_attention(name, module):
+            for sub, lin in module.named_modules():
+                if sub and isinstance(lin, nn.Linear):
+                    names[f"{name}.{sub}"] = None
+    if not names:
+        names = {n: None for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1]
+                 in LORA_TARGETS}
+    return list(names)
 
 
 def _select_trainable(student, trainable, lora_rank, lora_alpha, lora_targets):
@@ -132,8 +159,10 @@ def _select_trainable(student, trainable, lora_rank, lora_alpha, lora_targets):
         except ImportError as e:
             raise ImportError("trainable='lora' needs peft: pip install 'peft>=0.12' "
                               "(or pip install 'hf_efficient_attn[train]')") from e
-        present = {name.rsplit(".", 1)[-1] for name, _ in student.named_modules()}
-        targets = list(lora_targets or [t for t in LORA_TARGETS if t in present])
+        targets = list(lora_targets or attention_linear_names(student))
+        if not targets:
+            raise HFAError(f"trainable='lora' found no linear layer inside an attention module of "
+                           f"{type(student).__name__}: pass lora_targets=[module names]")
         cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=0.0)
         return get_peft_model(student, cfg)
     if callable(trainable):
@@ -141,14 +170,14 @@ def _select_trainable(student, trainable, lora_rank, lora_alpha, lora_targets):
     elif trainable in TRAINABLE:
         select = TRAINABLE[trainable]
     else:
-        raise ValueError(f"unknown trainable={trainable!r}; use one of {', '.join([*TRAINABLE, 'lora'])} "
+        raise HFAError(f"unknown trainable={trainable!r}; use one of {', '.join([*TRAINABLE, 'lora'])} "
                          "or a callable (name, param) -> bool")
     chosen = 0
     for name, p in student.named_parameters():
         p.requires_grad_(bool(select(name, p)))
         chosen += p.requires_grad
     if not chosen:
-        raise ValueError(f"trainable={trainable!r} selects no parameter of {type(student).__name__}; "
+        raise HFAError(f"trainable={trainable!r} selects no parameter of {type(student).__name__}; "
                          f"use 'all', 'lora' or a callable")
     return student
 
@@ -186,7 +215,7 @@ def _check_fingerprint(saved: dict, now: dict, path: Path) -> None:
     diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if diff:
         listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"the checkpoint at {path} is from a different run ({listed}). Pass the same arguments "
+        raise HFAError(f"the checkpoint at {path} is from a different run ({listed}). Pass the same arguments "
                          "to resume, resume=False to start over, or another checkpoint_dir")
 
 
@@ -203,6 +232,17 @@ def _set_checkpointing(model, on: bool) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _stopped(step: int, steps: int, what: str, value: float, lr, lora: bool) -> str:
+    kept = ("the student is as it came (the LoRA adapters are dropped)" if lora else
+            "the student keeps its weights as they came" if step == 0 else
+            f"the student keeps the weights of step {step}, the last finite one")
+    hint = ("the teacher's or the student's outputs on this data are not finite (an fp16/bf16 overflow?): check "
+            "them, or train in float32" if step == 0 else
+            f"lower the learning rate (it peaked at {lr:g}), keep gradient clipping on, or train without bf16")
+    return (f"distillation stopped at step {step + 1} of {steps}: the {what} is {value} (not finite), and nothing of "
+            f"this step was applied: {kept}. Fix: {hint}")
 
 
 @dataclass
@@ -236,24 +276,26 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
     from accelerate import Accelerator
 
     if student is teacher:
-        raise ValueError("student and teacher are the same object: distill a converted copy (hfa.convert returns one)")
+        raise HFAError("student and teacher are the same object: distill a converted copy (hfa.convert returns one)")
     stage_obj = _stage(stage, student)
     trainable = stage_obj.default_trainable if trainable is None else trainable
     if student.config.vocab_size != teacher.config.vocab_size:
-        raise ValueError(f"student and teacher vocabularies differ ({student.config.vocab_size} vs "
+        raise HFAError(f"student and teacher vocabularies differ ({student.config.vocab_size} vs "
                          f"{teacher.config.vocab_size}): distillation compares their next-token distributions")
     if checkpoint_every is not None and checkpoint_dir is None:
-        raise ValueError("checkpoint_every needs checkpoint_dir=<folder>")
+        raise HFAError("checkpoint_every needs checkpoint_dir=<folder>")
+    check_finite(teacher, "the teacher", "Distilling from it would train the student toward NaN: reload the teacher")
+    check_finite(student, "the student", "Convert it again from a finite model (hfa.convert checks its input)")
     accelerator = Accelerator()
     world, rank = accelerator.num_processes, accelerator.process_index
     tokens_per_step = seq_len * batch_size * world
     steps = max_tokens // tokens_per_step
     if steps < 1:
-        raise ValueError(f"max_tokens={max_tokens} is less than one step ({seq_len} tokens x batch_size {batch_size} "
+        raise HFAError(f"max_tokens={max_tokens} is less than one step ({seq_len} tokens x batch_size {batch_size} "
                          f"x {world} process(es) = {tokens_per_step}); raise max_tokens or lower seq_len/batch_size")
     blocks = token_blocks(tokenizer, data, seq_len, max_tokens)                # (n, seq_len)
     if blocks.shape[1] != seq_len:
-        raise ValueError(f"the token ids have length {blocks.shape[1]}, not seq_len={seq_len}")
+        raise HFAError(f"the token ids have length {blocks.shape[1]}, not seq_len={seq_len}")
     order = _block_order(len(blocks), steps * batch_size * world, seed)
     use_bf16 = accelerator.mixed_precision == "bf16" if bf16 is None else bf16
     autocast = (lambda: torch.autocast(accelerator.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
@@ -303,13 +345,22 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
             input_ids = blocks[mine].to(accelerator.device)                    # (B, seq_len)
             with autocast():
                 loss, metrics = stage_obj.loss(wrapped, teacher, input_ids, **loss_options)
+            step_loss = accelerator.reduce(loss.detach().float(), "mean").item()     # the same on every process
+            if not math.isfinite(step_loss):
+                raise NonFiniteError(_stopped(step, steps, "loss", step_loss, lr, model is not student))
             accelerator.backward(loss)
+            params = [p for _, p in named]
             if grad_clip is not None:
-                accelerator.clip_grad_norm_([p for _, p in named], grad_clip)
+                norm = accelerator.clip_grad_norm_(params, grad_clip)
+            else:
+                grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+                norm = torch.stack(grads).norm() if grads else torch.zeros(())
+            if not math.isfinite(float(norm)):
+                raise NonFiniteError(_stopped(step, steps, "gradient norm", float(norm), lr, model is not student))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(accelerator.reduce(loss.detach().float(), "mean").item())
+            losses.append(step_loss)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             done = step + 1
