@@ -18,13 +18,17 @@ __version__ = "0.1.0"
 _API = {
     "is_patched": "attention", "patch": "attention", "patched": "attention", "unpatch": "attention",
     "convert": "conversions", "distill": "conversions", "save": "conversions", "load": "conversions",
+    "expand_kv_heads": "conversions",
     "perplexity": "eval", "kv_cache_bytes": "eval", "load_model": "eval", "load_text": "eval",
 }
-__all__ = ["__version__", *_API]
+__all__ = ["HFAError", "__version__", "errors", *_API]
+
+from . import errors  # noqa: E402  the user-error types; standard library only
+from .errors import HFAError  # noqa: E402
 
 try:
     from .attention import is_patched, patch, patched, unpatch  # registers "hfa", "hfa_triton", "hfa_reference"
-    from .conversions import convert, distill, load, save
+    from .conversions import convert, distill, expand_kv_heads, load, save
     from .conversions import mla as _mla  # noqa: F401  registers "mla" and the hfa_mla_llama Auto classes
     from .conversions import linear as _linear  # noqa: F401  registers "linear", stage "attention", hfa_linear_* classes
     from .eval import kv_cache_bytes, load_model, load_text, perplexity

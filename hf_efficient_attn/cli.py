@@ -8,12 +8,16 @@ import argparse
 import collections.abc
 import inspect
 import json
+import os
 import sys
+import tempfile
 import time
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import HFAError, MissingFileError, NonFiniteError, OptionError, is_user_error
 
 
 def _add_patch_check(sub):
@@ -241,15 +245,15 @@ def parse_option(key: str, text: str, kind: OptionType):
     if kind.base == "bool":
         if low in _TRUE_WORDS | _FALSE_WORDS:
             return low in _TRUE_WORDS
-        raise ValueError(f"option {key!r} is true or false, got {text!r}")
+        raise HFAError(f"option {key!r} is true or false, got {text!r}")
     try:
         value = {"int": int, "float": float, "str": str}[kind.base](text)
     except ValueError:
         article = "an integer" if kind.base == "int" else "a number"
-        raise ValueError(f"option {key!r} takes {article}" + (" or none" if kind.nullable else "") +
-                         f", got {text!r}") from None
+        raise HFAError(f"option {key!r} takes {article}" + (" or none" if kind.nullable else "") +
+                       f", got {text!r}") from None
     if kind.choices and value not in kind.choices:
-        raise ValueError(f"option {key!r} is one of {', '.join(map(str, kind.choices))}; got {text!r}")
+        raise HFAError(f"option {key!r} is one of {', '.join(map(str, kind.choices))}; got {text!r}")
     return value
 
 
@@ -265,7 +269,7 @@ def _check_method(method: str) -> None:
     from .conversions.convert import CONVERSIONS
 
     if method not in CONVERSIONS:
-        raise ValueError(f"unknown conversion {method!r}; the conversions are: {', '.join(CONVERSIONS)}")
+        raise HFAError(f"unknown conversion {method!r}; the conversions are: {', '.join(CONVERSIONS)}")
 
 
 def conversion_options(method: str, settings, calibration_tokens=None) -> dict:
@@ -277,25 +281,25 @@ def conversion_options(method: str, settings, calibration_tokens=None) -> dict:
     options = {}
     for key, text in settings:
         if key not in types_:
-            raise TypeError(f"conversion {method!r} got unknown option {key!r}; it accepts: {accepted} "
-                            f"(hfa convert --method {method} --help-options lists them with types and defaults)")
+            raise OptionError(f"conversion {method!r} got unknown option {key!r}; it accepts: {accepted} "
+                              f"(hfa convert --method {method} --help-options lists them with types and defaults)")
         if key in ("calibration", "tokenizer"):
-            raise ValueError(f"option {key!r} is set by the command ({_CLI_OPTIONS[key]}), not with --set")
+            raise HFAError(f"option {key!r} is set by the command ({_CLI_OPTIONS[key]}), not with --set")
         if key in options:
-            raise ValueError(f"option {key!r} is given twice")
+            raise HFAError(f"option {key!r} is given twice")
         options[key] = parse_option(key, text, types_[key][0])
     if calibration_tokens is not None:
         if "calibration_tokens" not in types_:
-            raise TypeError(f"conversion {method!r} takes no calibration_tokens (--calibration-tokens); it "
-                            f"accepts: {accepted}")
+            raise OptionError(f"conversion {method!r} takes no calibration_tokens (--calibration-tokens); it "
+                              f"accepts: {accepted}")
         if "calibration_tokens" in options:
-            raise ValueError("calibration_tokens is given twice (--calibration-tokens and --set)")
+            raise HFAError("calibration_tokens is given twice (--calibration-tokens and --set)")
         options["calibration_tokens"] = calibration_tokens
     filled = {"calibration", "tokenizer"}
     missing = [k for k, (_, d) in types_.items() if d is inspect.Parameter.empty and k not in options and k not in filled]
     if missing:
-        raise TypeError(f"conversion {method!r} needs option(s) {', '.join(map(repr, missing))}: pass "
-                        + " ".join(f"--set {k}=..." for k in missing) + f" (accepted: {accepted})")
+        raise OptionError(f"conversion {method!r} needs option(s) {', '.join(map(repr, missing))}: pass "
+                          + " ".join(f"--set {k}=..." for k in missing) + f" (accepted: {accepted})")
     return options
 
 
@@ -337,24 +341,67 @@ def _text(data, split: str, flag: str):
         return load_text(data, split=split)
     path = Path(data).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{flag}: no file or folder at {data!r}; give a UTF-8 text file, a folder of them, "
-                                f"{', '.join(BUNDLED_CORPORA)} (the bundled corpus) or datasets:NAME[:CONFIG]")
+        raise MissingFileError(f"{flag}: no file or folder at {data!r}; give a UTF-8 text file, a folder of them, "
+                               f"{', '.join(BUNDLED_CORPORA)} (the bundled corpus) or datasets:NAME[:CONFIG]")
     return load_text(path)
 
 
 def _check_out(out: Path, overwrite: bool, model_arg: str) -> None:
-    """Refuse a bad --out before any work (hfa.save checks again, atomically)."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a folder; choose another path")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it "
-                              "(only once the new checkpoint is complete), or choose another folder")
+    """Refuse a bad --out before any work, by the rules `hfa.save` applies again when it writes (`check_target`),
+    and check that the folder it writes into is writable."""
+    from .conversions.io import check_target
+
     src = Path(model_arg).expanduser()
-    if src.is_dir():
-        src, target = src.resolve(), out.resolve()
-        if target == src or src in target.parents or target in src.parents:
-            raise ValueError(f"--out {out} is inside MODEL's checkpoint ({src}); a conversion never writes into "
-                             "its source. Choose another folder")
+    check_target(out, overwrite=overwrite, sources=[src] if src.is_dir() else [], label=f"--out {out}",
+                 overwrite_hint="pass --overwrite")
+    target = out.expanduser().resolve()
+    probe = target.parent                      # save writes a temporary sibling of --out, then renames it
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise HFAError(f"--out {out} cannot be created: {probe} is a file, not a folder. Choose another path")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".hfa-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise HFAError(f"--out {out} is not writable ({e.strerror or e} in {probe}); choose a folder you can write "
+                       "to") from None
+
+
+def _check_positive(args) -> None:
+    """Every count and rate a flag gives is checked before any work."""
+    for flag, value, least in (("--heal-tokens", args.heal_tokens, 1), ("--seq-len", args.seq_len, 2),
+                               ("--batch-size", args.batch_size, 1), ("--eval-tokens", args.eval_tokens, 1),
+                               ("--context", args.context, 2), ("--calibration-tokens", args.calibration_tokens, 1)):
+        if value is not None and value < least:
+            raise HFAError(f"{flag} must be at least {least}, got {value}")
+    if args.lr is not None and not args.lr > 0:
+        raise HFAError(f"--lr must be a positive number, got {args.lr}")
+
+
+def _world_size() -> int:
+    value = os.environ.get("WORLD_SIZE", "1").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def _check_heal_budget(args) -> None:
+    """--heal-tokens must pay for one optimizer step (--seq-len x --batch-size tokens on each process)."""
+    seq_len, batch, world = args.seq_len or 512, args.batch_size or 4, _world_size()
+    per_step = seq_len * batch * world
+    if args.heal_tokens < per_step:
+        procs = f" x {world} processes" if world > 1 else ""
+        raise HFAError(f"--heal-tokens {args.heal_tokens} is less than one step (--seq-len {seq_len} x --batch-size "
+                       f"{batch}{procs} = {per_step} tokens): raise --heal-tokens to at least {per_step}, or lower "
+                       "--seq-len / --batch-size")
+
+
+def _barrier() -> None:
+    """Wait for every process of an initialised process group (the main one writes meanwhile)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _label(model_name: str, method: str, settings, heal_tokens) -> str:
@@ -369,8 +416,8 @@ def _trainable(spec: str):
 
     if ":" not in spec:
         if spec not in TRAINABLE and spec != "lora":
-            raise ValueError(f"unknown --trainable {spec!r}; use one of {', '.join([*TRAINABLE, 'lora'])} or "
-                             "MODULE:FUNCTION, a selector (name, param) -> bool")
+            raise HFAError(f"unknown --trainable {spec!r}; use one of {', '.join([*TRAINABLE, 'lora'])} or "
+                           "MODULE:FUNCTION, a selector (name, param) -> bool")
         return spec
     import importlib
 
@@ -378,10 +425,10 @@ def _trainable(spec: str):
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"--trainable {spec}: cannot import it ({e}); give MODULE:FUNCTION with FUNCTION(name, "
-                         "param) -> bool, or a name: kv, attention, all, lora") from None
+        raise HFAError(f"--trainable {spec}: cannot import it ({e}); give MODULE:FUNCTION with FUNCTION(name, "
+                       "param) -> bool, or a name: kv, attention, all, lora") from None
     if not callable(fn):
-        raise ValueError(f"--trainable {spec} is a {type(fn).__name__}, not a function (name, param) -> bool")
+        raise HFAError(f"--trainable {spec} is a {type(fn).__name__}, not a function (name, param) -> bool")
     return fn
 
 
@@ -404,10 +451,10 @@ def _check_trainable(student, trainable, defaulted: bool) -> None:
     if any(TRAINABLE[trainable](n, p) for n, p in student.named_parameters()):
         return
     how = "the default --trainable" if defaulted else "--trainable"
-    raise ValueError(f"{how} {trainable} selects no parameter of the converted {type(student).__name__}; pass "
-                     f"--trainable with one of {', '.join(t for t in TRAINABLE if t != trainable)}, lora, or "
-                     "MODULE:FUNCTION (a selector (name, param) -> bool, e.g. "
-                     "hf_efficient_attn.conversions.mla:MLA_TRAINABLE for MLA)")
+    raise HFAError(f"{how} {trainable} selects no parameter of the converted {type(student).__name__}; pass "
+                   f"--trainable with one of {', '.join(t for t in TRAINABLE if t != trainable)}, lora, or "
+                   "MODULE:FUNCTION (a selector (name, param) -> bool, e.g. "
+                   "hf_efficient_attn.conversions.mla:MLA_TRAINABLE for MLA)")
 
 
 _HEAL_FLAGS = ("heal_data", "stage", "trainable", "seq_len", "batch_size", "lr", "bf16")
@@ -419,28 +466,31 @@ def run_convert(args) -> int:
         print(format_options(args.method))
         return 0
     if args.method is None:
-        raise ValueError("--method NAME is required (hfa convert --help-options lists the conversions)")
+        raise HFAError("--method NAME is required (hfa convert --help-options lists the conversions)")
     _check_method(args.method)
     if args.model is None or args.out is None:
-        raise ValueError("give MODEL and --out DIR: hfa convert MODEL --method NAME [--set KEY=VALUE ...] --out DIR")
+        raise HFAError("give MODEL and --out DIR: hfa convert MODEL --method NAME [--set KEY=VALUE ...] --out DIR")
     settings = args.set or []
     options = conversion_options(args.method, settings, args.calibration_tokens)
     accepted = option_types(args.method)
     if "calibration" not in accepted and (args.calibration is not None or args.no_calibration):
-        raise ValueError(f"conversion {args.method!r} takes no calibration data: drop --calibration/--no-calibration")
+        raise HFAError(f"conversion {args.method!r} takes no calibration data: drop --calibration/--no-calibration")
     if args.calibration is not None and args.no_calibration:
-        raise ValueError("--calibration and --no-calibration contradict each other: give one")
+        raise HFAError("--calibration and --no-calibration contradict each other: give one")
     given = [f"--{f.replace('_', '-')}" for f in _HEAL_FLAGS if getattr(args, f) not in (None, False)]
     if args.heal_tokens is None and given:
-        raise ValueError(f"{', '.join(given)} only apply with --heal-tokens N (the distillation budget)")
-    if args.heal_tokens is not None and args.heal_tokens < 1:
-        raise ValueError(f"--heal-tokens must be positive, got {args.heal_tokens}")
+        raise HFAError(f"{', '.join(given)} only apply with --heal-tokens N (the distillation budget)")
+    _check_positive(args)
     eval_given = [f for f, v in (("--eval-data", args.eval_data), ("--eval-tokens", args.eval_tokens),
                                  ("--context", args.context)) if v is not None]
     if eval_given and not args.eval:
-        raise ValueError(f"{', '.join(eval_given)} only apply with --eval")
+        raise HFAError(f"{', '.join(eval_given)} only apply with --eval")
+    from .conversions.io import is_main_process
+
+    main = is_main_process()        # under torchrun / accelerate launch only the main process writes
     out = Path(args.out).expanduser()
-    _check_out(out, args.overwrite, args.model)
+    if main:
+        _check_out(out, args.overwrite, args.model)
 
     # read every text before the slow part, so a missing file fails at once
     calibration = None
@@ -450,18 +500,20 @@ def run_convert(args) -> int:
     trainable_spec = _trainable(args.trainable) if args.trainable else None
     from .conversions import STAGES
     if args.stage is not None and args.stage not in STAGES:
-        raise ValueError(f"unknown --stage {args.stage!r}; the stages are: {', '.join(STAGES)}")
+        raise HFAError(f"unknown --stage {args.stage!r}; the stages are: {', '.join(STAGES)}")
+    if args.heal_tokens is not None:
+        _check_heal_budget(args)
     eval_text = _text(args.eval_data, "eval", "--eval-data") if args.eval else None
 
     import hf_efficient_attn as hfa
     from .eval.models import load_model
 
-    say = lambda msg: print(f"hfa convert: {msg}", flush=True)
+    say = (lambda msg: print(f"hfa convert: {msg}", flush=True)) if main else (lambda msg: None)
     t0 = time.perf_counter()
     model, tok = load_model(args.model, dtype=args.dtype)
     if model.get_output_embeddings() is None:
-        raise ValueError(f"{args.model} is not a causal language model ({type(model).__name__}): hfa convert "
-                         "converts decoder checkpoints (e.g. LlamaForCausalLM)")
+        raise HFAError(f"{args.model} is not a causal language model ({type(model).__name__}): hfa convert "
+                       "converts decoder checkpoints (e.g. LlamaForCausalLM)")
     say(f"loaded {args.model} ({type(model).__name__}) in {time.perf_counter() - t0:.1f} s")
 
     if "tokenizer" in accepted:
@@ -469,7 +521,7 @@ def run_convert(args) -> int:
     if calibration is not None:
         options["calibration"] = list(calibration.documents)
     if "progress" in accepted and "progress" not in options:
-        options["progress"] = not args.quiet
+        options["progress"] = not args.quiet and main
     t0 = time.perf_counter()
     new = hfa.convert(model, args.method, **options)
     shown = ", ".join(f"{k}={v!r}" for k, v in options.items() if k not in ("calibration", "tokenizer", "progress"))
@@ -481,9 +533,16 @@ def run_convert(args) -> int:
         stage = args.stage or "logits"
         trainable = trainable_spec or _default_trainable(args.method, stage)
         _check_trainable(new, trainable, args.trainable is None)
-        res = hfa.distill(new, model, list(heal_text.documents), tokenizer=tok, stage=stage,
-                          max_tokens=args.heal_tokens, seq_len=args.seq_len or 512, batch_size=args.batch_size or 4,
-                          trainable=trainable, lr=args.lr, bf16=True if args.bf16 else None, progress=not args.quiet)
+        try:
+            res = hfa.distill(new, model, list(heal_text.documents), tokenizer=tok, stage=stage,
+                              max_tokens=args.heal_tokens, seq_len=args.seq_len or 512,
+                              batch_size=args.batch_size or 4, trainable=trainable, lr=args.lr,
+                              bf16=True if args.bf16 else None, progress=not args.quiet)
+        except NonFiniteError as e:           # say the fix in flags, not in Python
+            what = str(e).split(" Fix: ")[0]
+            raise NonFiniteError(f"{what} Nothing was saved. Fix: lower --lr"
+                                 + (", or drop --bf16" if args.bf16 else "") + " (the teacher's weights and outputs "
+                                 "are checked too: a NaN at step 1 means MODEL itself is broken)") from None
         new.eval()
         heal = {"stage": stage, "trainable": args.trainable or trainable, "tokens": res.tokens, "steps": res.steps,
                 "data": heal_text.name, "data_sha256": heal_text.sha256, "first_loss": res.losses[0],
@@ -491,6 +550,9 @@ def run_convert(args) -> int:
         say(f"healed on {res.tokens} tokens of {heal_text.name} ({stage}, trainable={heal['trainable']}): loss "
             f"{res.losses[0]:.4f} -> {res.losses[-1]:.4f} in {res.seconds:.1f} s")
 
+    if not main:                    # the others wait while the main process evaluates and writes
+        _barrier()
+        return 0
     reports = None
     if args.eval:  # before saving: a failure here leaves nothing written
         from .eval.report import evaluate_models, format_table
@@ -511,6 +573,7 @@ def run_convert(args) -> int:
                   "heal": heal, "checkpoint": str(saved)}
         files = write_report(reports, saved, extra={"convert": record}, plots=False)
         say(f"wrote {files['json']}, {files['markdown']}")
+    _barrier()
     return 0
 
 
@@ -574,11 +637,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run the ``hfa`` command. Our own errors (an `HFAError`, or an error this package raises on purpose with a
+    message for the user) print as one line, exit status 2; anything else is a bug and keeps its traceback.
+    Ctrl-C exits 130 with one line (a checkpoint is written atomically, so nothing is left half-written)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError, ImportError, TypeError) as e:  # OSError: missing files, an existing --out, ...
-        # user-facing errors: one clear line, no traceback
+    except KeyboardInterrupt:
+        print(f"\nhfa {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not is_user_error(e):
+            raise
         print(f"hfa {args.command}: error: {e}", file=sys.stderr)
         return 2
 

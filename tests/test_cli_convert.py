@@ -355,16 +355,17 @@ def test_overwrite_replaces_only_a_complete_checkpoint(tmp_path, llama_dir, caps
     assert main(["convert", llama_dir, "--method", "gqa", "--set", "num_kv_heads=2", "--set", "method=mean",
                  "--out", str(out), "--quiet"]) == 0                 # 2 -> 2 KV heads: an exact copy
     weights = (out / "model.safetensors").read_bytes()
-    # a run that fails after converting (one heal step needs 64 x 4 tokens) keeps the old checkpoint as it was
+    # a run that fails (one heal step needs 64 x 4 tokens; refused before loading) keeps the old checkpoint as it was
     err = _error(capsys, ["convert", llama_dir, *GQA, "--heal-tokens", "100", "--seq-len", "64", "--out", str(out),
                           "--overwrite"])
     assert "is less than one step" in err
     assert (out / "model.safetensors").read_bytes() == weights
     assert _listing(tmp_path) == ["llama", "out"]                # no temp folder left beside it
-    # a successful run replaces it whole
-    (out / "stale.txt").write_text("from before")
+    # a successful run replaces it whole (a leftover shard of an older save goes with it; a user's file would be
+    # refused: tests/test_safety.py)
+    (out / "model-00002-of-00002.safetensors").write_text("from before")
     assert main(["convert", llama_dir, *GQA, "--out", str(out), "--overwrite"]) == 0
-    assert "stale.txt" not in _listing(out) and hfa.load(out).config.num_key_value_heads == 1
+    assert "model-00002-of-00002.safetensors" not in _listing(out) and hfa.load(out).config.num_key_value_heads == 1
     assert _listing(tmp_path) == ["llama", "out"]
 
 
@@ -374,15 +375,19 @@ def test_a_failure_while_saving_leaves_nothing(tmp_path, llama_dir, monkeypatch,
     def disk_full(self, *a, **k):
         raise OSError(28, "No space left on device")
 
+    old = tmp_path / "old"
+    assert main(["convert", llama_dir, *GQA, "--out", str(old)]) == 0
+    before = {name: (old / name).read_bytes() for name in _listing(old)}
     monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", disk_full)
     err = _error(capsys, ["convert", llama_dir, *GQA, "--out", str(tmp_path / "new")])
-    assert err == "hfa convert: error: [Errno 28] No space left on device"
-    assert _listing(tmp_path) == ["llama"]
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / "keep.txt").write_text("old")
-    _error(capsys, ["convert", llama_dir, *GQA, "--out", str(old), "--overwrite"])
-    assert _listing(old) == ["keep.txt"] and _listing(tmp_path) == ["llama", "old"]
+    # the error names --out, not the temporary folder the write failed in
+    assert err == (f"hfa convert: error: could not write the checkpoint {tmp_path / 'new'}: No space left on device "
+                   "(nothing was written)")
+    assert _listing(tmp_path) == ["llama", "old"]
+    err = _error(capsys, ["convert", llama_dir, *GQA, "--out", str(old), "--overwrite"])
+    assert err.endswith("No space left on device (nothing was written; the checkpoint that was there is unchanged)")
+    assert {name: (old / name).read_bytes() for name in _listing(old)} == before
+    assert _listing(tmp_path) == ["llama", "old"]
 
 
 # -- the example ----------------------------------------------------------------------------------------

@@ -54,11 +54,11 @@ def convert(model, conversion: str, /, **options):
     unknown = [k for k in options if k not in accepted]
     if unknown:
         raise OptionError(f"conversion {conversion!r} got unknown option(s) {', '.join(map(repr, unknown))}; it "
-                        f"accepts: {', '.join(accepted)}")
+                          f"accepts: {', '.join(accepted)}")
     missing = [k for k, v in accepted.items() if v is inspect.Parameter.empty and k not in options]
     if missing:
         raise OptionError(f"conversion {conversion!r} needs option(s) {', '.join(map(repr, missing))} "
-                        f"(accepted: {', '.join(accepted)})")
+                          f"(accepted: {', '.join(accepted)})")
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
         raise OptionError(f"convert takes a transformers model (e.g. from AutoModelForCausalLM.from_pretrained or "
                           f"hfa.load_model), got a {type(model).__name__}")

@@ -171,14 +171,14 @@ def _select_trainable(student, trainable, lora_rank, lora_alpha, lora_targets):
         select = TRAINABLE[trainable]
     else:
         raise HFAError(f"unknown trainable={trainable!r}; use one of {', '.join([*TRAINABLE, 'lora'])} "
-                         "or a callable (name, param) -> bool")
+                       "or a callable (name, param) -> bool")
     chosen = 0
     for name, p in student.named_parameters():
         p.requires_grad_(bool(select(name, p)))
         chosen += p.requires_grad
     if not chosen:
         raise HFAError(f"trainable={trainable!r} selects no parameter of {type(student).__name__}; "
-                         f"use 'all', 'lora' or a callable")
+                       f"use 'all', 'lora' or a callable")
     return student
 
 
@@ -216,7 +216,7 @@ def _check_fingerprint(saved: dict, now: dict, path: Path) -> None:
     if diff:
         listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise HFAError(f"the checkpoint at {path} is from a different run ({listed}). Pass the same arguments "
-                         "to resume, resume=False to start over, or another checkpoint_dir")
+                       "to resume, resume=False to start over, or another checkpoint_dir")
 
 
 # transformers 5.x renames gradient_checkpointing_* to activation_checkpointing_* (the old names warn)
@@ -281,7 +281,7 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
     trainable = stage_obj.default_trainable if trainable is None else trainable
     if student.config.vocab_size != teacher.config.vocab_size:
         raise HFAError(f"student and teacher vocabularies differ ({student.config.vocab_size} vs "
-                         f"{teacher.config.vocab_size}): distillation compares their next-token distributions")
+                       f"{teacher.config.vocab_size}): distillation compares their next-token distributions")
     if checkpoint_every is not None and checkpoint_dir is None:
         raise HFAError("checkpoint_every needs checkpoint_dir=<folder>")
     check_finite(teacher, "the teacher", "Distilling from it would train the student toward NaN: reload the teacher")
@@ -292,7 +292,7 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
     steps = max_tokens // tokens_per_step
     if steps < 1:
         raise HFAError(f"max_tokens={max_tokens} is less than one step ({seq_len} tokens x batch_size {batch_size} "
-                         f"x {world} process(es) = {tokens_per_step}); raise max_tokens or lower seq_len/batch_size")
+                       f"x {world} process(es) = {tokens_per_step}); raise max_tokens or lower seq_len/batch_size")
     blocks = token_blocks(tokenizer, data, seq_len, max_tokens)                # (n, seq_len)
     if blocks.shape[1] != seq_len:
         raise HFAError(f"the token ids have length {blocks.shape[1]}, not seq_len={seq_len}")

@@ -47,6 +47,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from ..errors import HFAError, OptionError
 from .io import token_blocks
 
 __all__ = [
@@ -600,12 +601,19 @@ METHODS = ("mean", "aligned", "pca")
 def _check_num_kv_heads(model, num_kv_heads) -> None:
     hq, hkv, _ = _heads(model)
     if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int):
-        raise TypeError(f"num_kv_heads must be an integer, got {num_kv_heads!r}")
+        raise OptionError(f"num_kv_heads must be an integer, got {num_kv_heads!r}")
     divisors = [k for k in range(1, hkv + 1) if hkv % k == 0]
     if num_kv_heads > hkv:
-        raise ValueError(
-            f"num_kv_heads={num_kv_heads} is more than the model's {hkv} KV heads: GQA conversion only removes "
-            f"heads. To add heads exactly (an MHA model), use expand_kv_heads(model, {num_kv_heads})")
+        more = [k for k in range(hkv + 1, hq + 1) if k % hkv == 0 and hq % k == 0]   # what expand_kv_heads takes
+        msg = (f"num_kv_heads={num_kv_heads} is more than the model's {hkv} KV heads: GQA conversion only removes "
+               f"heads; choose one of {divisors}")
+        if num_kv_heads in more:
+            msg += (f". To add heads exactly (e.g. an MHA model), call hf_efficient_attn.conversions.expand_kv_heads("
+                    f"model, {num_kv_heads}) in Python")
+        elif more:
+            msg += (f". (Adding heads exactly, with hf_efficient_attn.conversions.expand_kv_heads, takes a multiple of "
+                    f"{hkv} that divides the {hq} query heads: {more})")
+        raise HFAError(msg)
     if num_kv_heads < 1 or hkv % num_kv_heads:
         raise ValueError(f"num_kv_heads={num_kv_heads} must divide the model's {hkv} KV heads; "
                          f"choose one of {divisors}")

