@@ -381,6 +381,8 @@ def save(model, path, tokenizer=None, *, overwrite: bool = False, allow_non_fini
         if _clean_stale(target):
             check_target(target, overwrite=overwrite, sources=sources)
     except OSError as e:
+        if isinstance(e, HFAError):
+            raise
         raise CheckpointWriteError(f"could not write the checkpoint {target}: {e.strerror or e}") from e
     existed = target.exists()
     tmp, old = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"), None
