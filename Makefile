@@ -27,7 +27,7 @@ test-min-transformers:
 	rm -rf .venv-min && $(PY) -m venv --system-site-packages .venv-min
 	.venv-min/bin/pip install -q "transformers==$(MIN_TRANSFORMERS)"
 	.venv-min/bin/python -m pytest -q -p no:cacheprovider -m "not slow and not triton_interpret" tests/attention/test_patch_families.py \
-		tests/attention/test_registry.py tests/conversions/test_gqa.py tests/conversions/test_mla.py \
+		tests/attention/test_family_sweep.py tests/attention/test_mask_contract.py tests/attention/test_registry.py tests/conversions/test_gqa.py tests/conversions/test_mla.py \
 		tests/conversions/test_mla_gemma3.py tests/conversions/test_linear.py tests/conversions/test_io.py
 	rm -rf .venv-min
 
