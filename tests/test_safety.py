@@ -300,6 +300,17 @@ def test_hints_name_what_the_user_can_do(tmp_path):
     assert not (hfa.save(_converted("gqa"), tmp_path / "gqa") / "README.md").exists()   # a native checkpoint
 
 
+def test_a_failed_factorization_is_a_conversion_error(monkeypatch):
+    def no_convergence(*a, **k):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_convergence)
+    monkeypatch.setattr(torch.linalg, "eigh", no_convergence)
+    with pytest.raises(HFAError, match=r"conversion 'mla' failed in a matrix factorization \(linalg.svd: The "
+                                       r"algorithm failed to converge\): .* Convert in float32"):
+        hfa.convert(make_model("llama"), "mla", kv_lora_rank=8, rope_dim=4, method="weights")
+
+
 # -- 5. checks before work; leftovers of a killed save ---------------------------------------------------------
 
 def test_cli_checks_before_loading(tmp_path, llama_dir, monkeypatch, capsys):
