@@ -418,3 +418,23 @@ def test_only_the_main_process_writes(tmp_path, llama_dir, monkeypatch, capsys):
     assert is_main_process()
     assert main(["convert", llama_dir, *GQA, "--out", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / RECORD_FILE).exists()
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch_write_one_checkpoint(tmp_path, llama_dir):
+    """A real 2-process gloo run (about 17 s): both ranks convert and heal, only rank 0 writes, the other waits."""
+    (tmp_path / "t.txt").write_text(TEXT * 12)
+    out = tmp_path / "out"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "hf_efficient_attn.cli", "convert", llama_dir, *GQA, "--heal-tokens", "256", "--heal-data",
+           str(tmp_path / "t.txt"), "--seq-len", "32", "--batch-size", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("hfa convert: saved") == 1 and proc.stdout.count("hfa convert: loaded") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "out", "t.txt"]      # no temp folders
+    heal = json.loads((out / RECORD_FILE).read_text())["conversions"][-1]
+    assert heal["distill"] == "logits" and heal["processes"] == 2 and heal["tokens"] == 256
+    assert hfa.load(out).config.num_key_value_heads == 1
