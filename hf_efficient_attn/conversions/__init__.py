@@ -14,12 +14,12 @@ from __future__ import annotations
 from .convert import CONVERSIONS, convert, options_of, register_conversion
 from .distill import STAGES, TRAINABLE, DistillResult, Stage, distill, register_stage
 from .gqa import convert_gqa, expand_kv_heads
-from .io import load, save, text_documents, token_blocks
+from .io import check_target, is_main_process, load, save, text_documents, token_blocks, verify_checkpoint
 
 __all__ = [
-    "CONVERSIONS", "STAGES", "TRAINABLE", "DistillResult", "Stage", "convert", "convert_gqa", "demo_conversions",
-    "distill", "expand_kv_heads", "load", "options_of", "register_conversion", "register_stage", "save",
-    "text_documents", "token_blocks",
+    "CONVERSIONS", "STAGES", "TRAINABLE", "DistillResult", "Stage", "check_target", "convert", "convert_gqa",
+    "demo_conversions", "distill", "expand_kv_heads", "is_main_process", "load", "options_of", "register_conversion",
+    "register_stage", "save", "text_documents", "token_blocks", "verify_checkpoint",
 ]
 
 
