@@ -180,20 +180,21 @@ def test_default_tiles_are_in_their_grids(monkeypatch):
     """Without HFA_TRITON_AUTOTUNE each kernel runs exactly its default tile; with it, every tile that fits."""
     from hf_efficient_attn.kernels.softmax import triton_decode as dec
     from hf_efficient_attn.kernels.softmax import triton_flash as fl
+    from hf_efficient_attn.kernels.triton_utils.jit import config_space, tile_pruner
     monkeypatch.delenv("HFA_TRITON_AUTOTUNE", raising=False)
     for space, default, streamed in ((fl._FWD_SPACE, fl._fwd_default, "BLOCK_N"),
                                      (fl._DKDV_SPACE, fl._dkdv_default, "BLOCK_M"),
                                      (fl._DQ_SPACE, fl._dq_default, "BLOCK_N"),
                                      (dec._SPLIT_SPACE, dec._split_default, "BLOCK_N")):
-        grid = fl._space(space)
+        grid = config_space(space)
         for d in (16, 32, 64, 128, 256):
             for precision in ("tf32", "ieee"):
                 args = {"D_PAD": d, "DV_PAD": d, "PRECISION": precision}
-                (chosen,) = fl._tile_pruner(default, streamed)(grid, args)
+                (chosen,) = tile_pruner(default, streamed)(grid, args)
                 meta, warps, stages = default(d, precision == "ieee")
                 assert (chosen.kwargs, chosen.num_warps, chosen.num_stages) == (meta, warps, stages)
                 monkeypatch.setenv("HFA_TRITON_AUTOTUNE", "1")
-                tuned = fl._tile_pruner(default, streamed)(grid, args)
+                tuned = tile_pruner(default, streamed)(grid, args)
                 assert chosen in tuned and 1 < len(tuned) <= len(grid)
                 monkeypatch.delenv("HFA_TRITON_AUTOTUNE")
 
@@ -208,7 +209,8 @@ def compile_for_hopper():
 
     from hf_efficient_attn.kernels.softmax import triton_decode as dec
     from hf_efficient_attn.kernels.softmax import triton_flash as fl
-    assert not fl.INTERPRETED
+    from hf_efficient_attn.kernels.triton_utils import jit as shared
+    assert not fl.INTERPRETED and not shared.INTERPRETED
 
     def jit_fn(kernel):
         while not isinstance(kernel, triton.runtime.jit.JITFunction):
@@ -224,7 +226,7 @@ def compile_for_hopper():
     kernels = [(fl._fwd_kernel, fl._fwd_default), (fl._bwd_dkdv_kernel, fl._dkdv_default),
                (fl._bwd_dq_kernel, fl._dq_default), (dec._decode_split_kernel, dec._split_default),
                (fl._bwd_preprocess_kernel, lambda d, f: (dict(BLOCK_M=64), 4, 1)),
-               (dec._decode_merge_kernel, lambda d, f: (dict(), 4, 1))]
+               (shared.lse_merge_kernel, lambda d, f: (dict(), 4, 1))]
     for kernel, default in kernels:
         fn = jit_fn(kernel)
         meta, warps, stages = default(128, False)

@@ -42,30 +42,31 @@ head) updates its slice of the state and reads it with all query heads of the GQ
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ..softmax.triton_flash import _dot, _dot_flags, _last_dim_contiguous, _pad_dim
+from ..triton_utils import (
+    KERNEL_DTYPES,
+    dot_flags,
+    f32_precision,
+    interpreting,
+    last_dim_contiguous,
+    pad_dim,
+    record_build,
+    triton_unavailable_reason,
+)
+from ..triton_utils.jit import dot, seq_bounds
 from .reference import check_linear_inputs
 
 __all__ = ["MAX_DIM", "linear_attention_step_triton", "linear_attention_triton", "linear_triton_unsupported_reason"]
 
 MAX_DIM = 256  # largest feature dim F and value dim D
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK_F = 64  # F and D are cut into blocks of at most this many columns: register use stays bounded
 _BLOCK_D = 64
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# triton.jit builds interpreter or GPU kernels depending on TRITON_INTERPRET when this module is imported
-INTERPRETED = _interpreting()
+INTERPRETED = record_build(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,15 +76,10 @@ INTERPRETED = _interpreting()
 @triton.jit
 def _seq_bounds(i_n, CU, CHUNK_OFFS, T, NT, IS_VARLEN: tl.constexpr):
     # (batch row, first token, length, index of its first chunk in the chunk-state buffer) of sequence i_n
+    i_b, bos, L = seq_bounds(i_n, CU, T, IS_VARLEN)
     if IS_VARLEN:
-        i_b = i_n * 0
-        bos = tl.load(CU + i_n).to(tl.int64)
-        L = (tl.load(CU + i_n + 1) - bos).to(tl.int32)
         boh = tl.load(CHUNK_OFFS + i_n).to(tl.int64)
     else:
-        i_b = i_n
-        bos = i_n * 0
-        L = T + (i_n * 0).to(tl.int32)
         boh = i_n * NT
     return i_b, bos, L, boh
 
@@ -95,16 +91,12 @@ def _chunk_bounds(i_t, i_b, CU, CHUNKS, T, NT, IS_VARLEN: tl.constexpr):
     if IS_VARLEN:
         i_n = tl.load(CHUNKS + 2 * i_t).to(tl.int64)
         i_c = tl.load(CHUNKS + 2 * i_t + 1)
-        bos = tl.load(CU + i_n).to(tl.int64)
-        L = (tl.load(CU + i_n + 1) - bos).to(tl.int32)
         i_tg = i_t.to(tl.int64)
-        i_bb = i_b * 0
     else:
+        i_n = i_b
         i_c = i_t
-        bos = i_b * 0
-        L = T + i_t * 0
         i_tg = i_b * NT + i_t
-        i_bb = i_b
+    i_bb, bos, L = seq_bounds(i_n, CU, T, IS_VARLEN)
     return i_bb, bos, L, i_c, i_tg
 
 
@@ -180,10 +172,10 @@ def _fwd_state_kernel(K, V, LD, S0, Z0, HS, HZ, ST, ZT, CU, CHUNK_OFFS,
             b_kw = b_k.to(tl.float32) * tl.exp(b_gl - b_g)[:, None]
             b_h = b_h * tl.exp(b_gl)
             b_z = b_z * tl.exp(b_gl) + tl.sum(b_kw, 0)
-            b_h = _dot(tl.trans(b_kw.to(b_v.dtype)), b_v, b_h, UPCAST, PRECISION)
+            b_h = dot(tl.trans(b_kw.to(b_v.dtype)), b_v, b_h, UPCAST, PRECISION)
         else:
             b_z = b_z + tl.sum(b_k.to(tl.float32), 0)
-            b_h = _dot(tl.trans(b_k), b_v, b_h, UPCAST, PRECISION)
+            b_h = dot(tl.trans(b_k), b_v, b_h, UPCAST, PRECISION)
     tl.store(ST + i_nh * F * D + o_kv, b_h, mask=m_kv)
     tl.store(ZT + i_nh * F + offs_k, b_z, mask=m_z)
 
@@ -222,8 +214,8 @@ def _fwd_out_kernel(Q, K, V, LD, HS, HZ, O, DEN, CU, CHUNKS,
         b_k = tl.load(p_k + row[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
         b_h = tl.load(HS + i_hc * F * D + offs_k[:, None] * D + offs_v[None, :], mask=m_k[:, None] & m_v[None, :],
                       other=0.0)
-        b_o = _dot(b_q.to(tl.float32), b_h, b_o, False, F32_PRECISION)
-        b_A = _dot(b_q, tl.trans(b_k), b_A, UPCAST, PRECISION)
+        b_o = dot(b_q.to(tl.float32), b_h, b_o, False, F32_PRECISION)
+        b_A = dot(b_q, tl.trans(b_k), b_A, UPCAST, PRECISION)
         if NORMALIZE:
             b_zc = tl.load(HZ + i_hc * F + offs_k, mask=m_k, other=0.0)
             b_qz += tl.sum(b_q.to(tl.float32) * b_zc[None, :], 1)
@@ -235,7 +227,7 @@ def _fwd_out_kernel(Q, K, V, LD, HS, HZ, O, DEN, CU, CHUNKS,
     b_A = _intra_mask(b_A, b_g, offs_t, False, HAS_DECAY)
     b_v = tl.load(V + i_b * s_vb + i_hk * s_vh + row[:, None] * s_vt + offs_v[None, :],
                   mask=m_t[:, None] & m_v[None, :], other=0.0)
-    b_o = _dot(b_A.to(b_v.dtype), b_v, b_o, UPCAST, PRECISION)
+    b_o = dot(b_A.to(b_v.dtype), b_v, b_o, UPCAST, PRECISION)
     if NORMALIZE:
         # -- the normaliser: the ones column of the value, q . z_c + rowsum of the masked matrix
         b_den = b_qz + tl.sum(b_A, 1)
@@ -329,7 +321,7 @@ def _bwd_dstate_kernel(Q, DO, LD, DEN, DDEN, DST, DZT, DHS, DHZ, DS0, DZ0, CU, C
                 b_q = b_q * tl.exp(b_g)[:, None]
             b_do = _load_do(DEN, DO + i_b * s_db + i_h * s_dh, row, offs_v, m_t, m_v,
                             i_b * H + i_h, T, eps, s_dt, NORMALIZE)
-            b_dh = _dot(tl.trans(b_q), b_do, b_dh, False, F32_PRECISION)
+            b_dh = dot(tl.trans(b_q), b_do, b_dh, False, F32_PRECISION)
             if NORMALIZE:
                 b_dd = tl.load(DDEN + (i_b * H + i_h) * T + row, mask=m_t, other=0.0)
                 b_dz += tl.sum(b_q * b_dd[:, None], 0)
@@ -371,7 +363,7 @@ def _bwd_dv_kernel(Q, K, DO, LD, DEN, DHS, DV_OUT, CU, CHUNKS,
         b_k = tl.load(p_k + row[:, None] * s_kt + offs_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_dh = tl.load(DHS + i_hc * F * D + offs_k[:, None] * D + offs_v[None, :], mask=m_k[:, None] & m_v[None, :],
                        other=0.0)
-        b_dv = _dot(b_k.to(tl.float32), b_dh, b_dv, False, F32_PRECISION)
+        b_dv = dot(b_k.to(tl.float32), b_dh, b_dv, False, F32_PRECISION)
     if HAS_DECAY:
         b_dv = b_dv * tl.exp(b_gl - b_g)[:, None]
     # -- intra-chunk: A^T dO' for each query head of the group (A^T[j, i] = k_j . q_i exp(g_i - g_j), j <= i)
@@ -384,11 +376,11 @@ def _bwd_dv_kernel(Q, K, DO, LD, DEN, DHS, DV_OUT, CU, CHUNKS,
             m_tk = m_t[:, None] & (offs_k[None, :] < F)
             b_k = tl.load(p_k + row[:, None] * s_kt + offs_k[None, :], mask=m_tk, other=0.0)
             b_q = tl.load(p_q + row[:, None] * s_qt + offs_k[None, :], mask=m_tk, other=0.0)
-            b_At = _dot(b_k, tl.trans(b_q), b_At, UPCAST, PRECISION)
+            b_At = dot(b_k, tl.trans(b_q), b_At, UPCAST, PRECISION)
         b_At = _intra_mask(b_At, b_g, offs_t, True, HAS_DECAY)
         b_do = _load_do(DEN, DO + i_b * s_db + i_h * s_dh, row, offs_v, m_t, m_v, i_b * H + i_h, T, eps, s_dt,
                         NORMALIZE)
-        b_dv = _dot(b_At, b_do, b_dv, False, F32_PRECISION)
+        b_dv = dot(b_At, b_do, b_dv, False, F32_PRECISION)
     tl.store(DV_OUT + i_b * s_vb + i_hk * s_vh + row[:, None] * s_vt + offs_v[None, :],
              b_dv.to(DV_OUT.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
@@ -433,7 +425,7 @@ def _bwd_dqk_kernel(Q, K, V, DO, LD, DEN, DDEN, HS, HZ, DHS, DHZ, DQ, DK, DG, CU
         b_v = tl.load(p_v + row[:, None] * s_vt + offs_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
         b_dh = tl.load(DHS + i_hc * F * D + offs_k[:, None] * D + offs_v[None, :], mask=m_k[:, None] & m_v[None, :],
                        other=0.0)
-        b_dk = _dot(b_v.to(tl.float32), tl.trans(b_dh), b_dk, False, F32_PRECISION)
+        b_dk = dot(b_v.to(tl.float32), tl.trans(b_dh), b_dk, False, F32_PRECISION)
     b_dzc = tl.load(DHZ + i_hc * F + offs_k, mask=m_k, other=0.0)
     b_dk = tl.where(m_t[:, None], b_dk + b_dzc[None, :], 0.0)
     if HAS_DECAY:
@@ -455,8 +447,8 @@ def _bwd_dqk_kernel(Q, K, V, DO, LD, DEN, DDEN, HS, HZ, DHS, DHZ, DQ, DK, DG, CU
                           other=0.0).to(tl.float32)
             b_h = tl.load(HS + i_hc * F * D + offs_k[:, None] * D + offs_v[None, :],
                           mask=m_k[:, None] & m_v[None, :], other=0.0)
-            b_dq = _dot(b_do, tl.trans(b_h), b_dq, False, F32_PRECISION)
-            b_ds = _dot(b_do, tl.trans(b_v), b_ds, False, F32_PRECISION)
+            b_dq = dot(b_do, tl.trans(b_h), b_dq, False, F32_PRECISION)
+            b_ds = dot(b_do, tl.trans(b_v), b_ds, False, F32_PRECISION)
         if NORMALIZE:
             b_dd = tl.load(DDEN + (i_b * H + i_h) * T + row, mask=m_t, other=0.0)
             b_zc = tl.load(HZ + i_hc * F + offs_k, mask=m_k, other=0.0)
@@ -465,8 +457,8 @@ def _bwd_dqk_kernel(Q, K, V, DO, LD, DEN, DDEN, HS, HZ, DHS, DHZ, DQ, DK, DG, CU
         if HAS_DECAY:
             b_dq = b_dq * tl.exp(b_g)[:, None]
         b_ds = _intra_mask(b_ds, b_g, offs_t, False, HAS_DECAY)
-        b_dq = _dot(b_ds, b_k, b_dq, False, F32_PRECISION)
-        b_dk = _dot(tl.trans(b_ds), b_q, b_dk, False, F32_PRECISION)
+        b_dq = dot(b_ds, b_k, b_dq, False, F32_PRECISION)
+        b_dk = dot(tl.trans(b_ds), b_q, b_dk, False, F32_PRECISION)
         tl.store(DQ + i_b * s_dqb + i_h * s_dqh + row[:, None] * s_dqt + offs_k[None, :],
                  b_dq.to(DQ.dtype.element_ty), mask=m_tk)
         b_dg += tl.sum(b_q * b_dq, 1)
@@ -528,12 +520,7 @@ def _step_kernel(Q, K, V, LD, S, Z, O, S_OUT, Z_OUT,
 
 def _blocks(F, D):
     """(BK, BV): the F and D block widths (powers of two >= 16, as tl.dot needs)."""
-    return min(_BLOCK_F, _pad_dim(F)), min(_BLOCK_D, _pad_dim(D))
-
-
-def _f32_precision(dtype):
-    """Precision of dots with an fp32 operand: exact for fp32 inputs (and in the interpreter), else TF32."""
-    return "ieee" if dtype == torch.float32 or _interpreting() else "tf32"
+    return min(_BLOCK_F, pad_dim(F)), min(_BLOCK_D, pad_dim(D))
 
 
 def _chunk_layout(B, T, BT, cu_seqlens):
@@ -562,7 +549,7 @@ def _chunk_states(k, v, log_decay, s0, z0, layout, BT):
     if n_seq * Hkv == 0:
         return hs, hz, st, zt
     BK, BV = _blocks(F, D)
-    upcast, precision = _dot_flags(k.dtype)
+    upcast, precision = dot_flags(k.dtype)
     ld = log_decay if log_decay is not None else k  # an unused pointer
     _fwd_state_kernel[(triton.cdiv(F, BK), triton.cdiv(D, BV), n_seq * Hkv)](
         k, v, ld, s0, z0, hs, hz, st, zt, cu, offsets,
@@ -587,7 +574,7 @@ def _linear_fwd(q, k, v, log_decay, s0, z0, *, normalize, eps, cu_seqlens, chunk
     if total * H == 0 or D == 0:
         return out.zero_(), den, st, zt
     BK, BV = _blocks(F, D)
-    upcast, precision = _dot_flags(q.dtype)
+    upcast, precision = dot_flags(q.dtype)
     ld = log_decay if log_decay is not None else k
     _fwd_out_kernel[(triton.cdiv(D, BV), NT if cu is None else total, B * H)](
         q, k, v, ld, hs, hz, out, den, cu, chunks,
@@ -595,7 +582,7 @@ def _linear_fwd(q, k, v, log_decay, s0, z0, *, normalize, eps, cu_seqlens, chunk
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         ld.stride(0), ld.stride(1), H, Hkv, H // Hkv, T, NT, eps,
         F=F, D=D, BT=BT, BK=BK, BV=BV, HAS_DECAY=log_decay is not None, NORMALIZE=normalize,
-        IS_VARLEN=cu is not None, UPCAST=upcast, PRECISION=precision, F32_PRECISION=_f32_precision(q.dtype),
+        IS_VARLEN=cu is not None, UPCAST=upcast, PRECISION=precision, F32_PRECISION=f32_precision(q.dtype),
         num_warps=8 if BT >= 128 else 4,
     )
     return out, den, st, zt
@@ -618,13 +605,13 @@ def _linear_bwd(do, dst, dzt, q, k, v, log_decay, s0, z0, out, den, *, normalize
     B, H, T, F = q.shape
     Hkv, D = k.shape[1], v.shape[-1]
     G, BT = H // Hkv, chunk_size
-    do = _last_dim_contiguous(do)
+    do = last_dim_contiguous(do)
     layout = _chunk_layout(B, T, BT, cu_seqlens)
     n_seq, NT, total, cu, offsets, chunks = layout
     hs, hz, st, zt = _chunk_states(k, v, log_decay, s0, z0, layout, BT)  # recomputed, not stored by the forward
     BK, BV = _blocks(F, D)
-    upcast, precision = _dot_flags(q.dtype)
-    f32 = _f32_precision(q.dtype)
+    upcast, precision = dot_flags(q.dtype)
+    f32 = f32_precision(q.dtype)
     has_decay = log_decay is not None
     ld = log_decay if has_decay else k
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -644,7 +631,7 @@ def _linear_bwd(do, dst, dzt, q, k, v, log_decay, s0, z0, out, den, *, normalize
             BT_PRE = 32
             _bwd_prep_kernel[(triton.cdiv(T, BT_PRE), B * H)](
                 out, do, den, dden, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1),
-                do.stride(2), H, T, eps, D=D, D_PAD=_pad_dim(D), BT=BT_PRE,
+                do.stride(2), H, T, eps, D=D, D_PAD=pad_dim(D), BT=BT_PRE,
             )
     common = dict(F=F, D=D, BT=BT, BK=BK, BV=BV, HAS_DECAY=has_decay, NORMALIZE=normalize, IS_VARLEN=cu is not None)
     if n_seq * Hkv:
@@ -723,28 +710,17 @@ class LinearAttentionFunction(torch.autograd.Function):
 # Public functions
 # ----------------------------------------------------------------------------------------------
 
-def _interpret_state() -> str | None:
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return "TRITON_INTERPRET is not 1"
-    if not INTERPRETED:
-        return "the kernels were imported before TRITON_INTERPRET=1 was set"
-    return None
-
-
 def linear_triton_unsupported_reason(q, k, v, *, log_decay=None, initial_state=None, cu_seqlens=None) -> str | None:
     """None when the Triton kernels compute this call; else a short reason (fall back to
     `linear_attention_chunked` / `linear_attention_recurrent`). Shapes are not validated here."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
     tensors = [t for t in (q, k, v, log_decay, cu_seqlens, *(initial_state or ())) if t is not None]
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         return f"inputs on different devices ({', '.join(sorted(str(d) for d in devices))})"
-    if q.device.type != "cuda":
-        why = _interpret_state()
-        if why is not None:
-            return f"tensors on {q.device.type} and {why}"
-    if q.dtype not in _DTYPES:
+    why = triton_unavailable_reason(q.device)
+    if why is not None:
+        return why
+    if q.dtype not in KERNEL_DTYPES:
         return f"dtype {str(q.dtype).replace('torch.', '')}"
     if k.dtype != q.dtype or v.dtype != q.dtype:
         return f"mixed dtypes (q {q.dtype}, k {k.dtype}, v {v.dtype})"
@@ -780,7 +756,7 @@ def linear_attention_triton(q, k, v, *, log_decay=None, normalize=True, eps=1e-6
     _check_supported(q, k, v, log_decay, initial_state, cu_seqlens, "linear_attention_triton")
     if not (isinstance(chunk_size, int) and 16 <= chunk_size <= 128 and chunk_size & (chunk_size - 1) == 0):
         raise ValueError(f"chunk_size must be a power of two in [16, 128] (tl.dot tiles), got {chunk_size!r}")
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     if log_decay is not None:
         log_decay = log_decay.contiguous()
     s0 = z0 = None
@@ -811,7 +787,7 @@ def linear_attention_step_triton(q, k, v, state, *, log_decay=None, normalize=Tr
     _check_supported(q, k, v, log_decay, state, None, "linear_attention_step_triton")
     B, H, _, F = q.shape
     Hkv, D = k.shape[1], v.shape[-1]
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     s, z = state
     s = s if s.stride(-1) == 1 else s.contiguous()
     z = z if z.stride(-1) == 1 else z.contiguous()
@@ -820,7 +796,7 @@ def linear_attention_step_triton(q, k, v, state, *, log_decay=None, normalize=Tr
     z_new = torch.empty(B, Hkv, F, dtype=torch.float32, device=q.device)
     if B * Hkv * D == 0:
         return out.zero_(), (s_new.copy_(s), z_new.copy_(z))
-    BK, BV = min(64, _pad_dim(F)), min(32, _pad_dim(D))
+    BK, BV = min(64, pad_dim(F)), min(32, pad_dim(D))
     G = H // Hkv
     ld = log_decay if log_decay is not None else k
     _step_kernel[(triton.cdiv(D, BV), B * Hkv)](
@@ -828,6 +804,6 @@ def linear_attention_step_triton(q, k, v, state, *, log_decay=None, normalize=Tr
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         s.stride(0), s.stride(1), s.stride(2), z.stride(0), z.stride(1), ld.stride(0), ld.stride(1),
         Hkv, G, float(eps), F=F, D=D, G_PAD=max(16, triton.next_power_of_2(G)), BK=BK, BV=BV,
-        HAS_DECAY=log_decay is not None, NORMALIZE=bool(normalize), PRECISION=_f32_precision(torch.float32),
+        HAS_DECAY=log_decay is not None, NORMALIZE=bool(normalize), PRECISION=f32_precision(torch.float32),
     )
     return out, (s_new, z_new)

@@ -48,50 +48,46 @@ How it works (C = BLOCK_N keys per chunk, BLOCK_M query rows per block):
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ..softmax.triton_flash import _dot, _dot_flags, _last_dim_contiguous, _pad_dim
+from ..triton_utils import (
+    KERNEL_DTYPES,
+    LOG2E,
+    dot_flags,
+    interpreting,
+    last_dim_contiguous,
+    pad_dim,
+    record_build,
+    triton_unavailable_reason,
+)
+from ..triton_utils.jit import dot, seq_bounds
 from .reference import _check_hybrid, _window_factor, check_linear_inputs
 
 __all__ = ["MAX_DIM", "hybrid_attention_triton", "hybrid_unsupported_reason"]
 
 MAX_DIM = 256  # Dk, F and D each
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-LOG2E = 1.4426950408889634  # 1/ln 2: exp(x) = exp2(x * LOG2E)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# triton.jit builds interpreter or GPU kernels depending on TRITON_INTERPRET when this module is imported
-INTERPRETED = _interpreting()
+INTERPRETED = record_build(__name__)
 
 
 def hybrid_unsupported_reason(q, k, v, fq, fk, *, window=None, initial_state=None, key_padding_mask=None,
                               cu_seqlens=None, **_ignored) -> str | None:
     """None when :func:`hybrid_attention_triton` computes this call; else a short reason (fall back to
     ``hybrid_attention_reference`` / ``hybrid_attention_chunked``). Shapes are not validated here."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
     tensors = [q, k, v, fq, fk] + [t for t in (key_padding_mask, cu_seqlens, *(initial_state or ())) if t is not None]
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         return f"inputs on different devices ({', '.join(sorted(str(d) for d in devices))})"
-    if q.device.type != "cuda":
-        if not _interpreting():
-            return f"tensors on {q.device.type} and TRITON_INTERPRET is not 1"
-        if not INTERPRETED:
-            return f"tensors on {q.device.type} and the kernels were imported before TRITON_INTERPRET=1 was set"
+    why = triton_unavailable_reason(q.device)
+    if why is not None:
+        return why
     dtypes = (q.dtype, k.dtype, v.dtype, fq.dtype, fk.dtype)
     if len(set(dtypes)) > 1:
         return "mixed dtypes (q, k, v, fq, fk: " + ", ".join(str(d).replace("torch.", "") for d in dtypes) + ")"
-    if q.dtype not in _DTYPES:
+    if q.dtype not in KERNEL_DTYPES:
         return f"dtype {str(q.dtype).replace('torch.', '')}"
     for name, d in (("head_dim", q.shape[-1]), ("feature_dim", fq.shape[-1]), ("value_dim", v.shape[-1])):
         if d > MAX_DIM:
@@ -106,12 +102,10 @@ def hybrid_unsupported_reason(q, k, v, fq, fk, *, window=None, initial_state=Non
 @triton.jit
 def _seq(CU, i_n, S_Q, S_K, IS_VARLEN: tl.constexpr):
     # (batch row, first query row, first key row, query count, key count) of sequence i_n
-    if IS_VARLEN:
-        bos = tl.load(CU + i_n).to(tl.int64)
-        L_k = (tl.load(CU + i_n + 1) - bos).to(tl.int32)
-        return i_n * 0, bos, bos, L_k, L_k
-    else:
-        return i_n, i_n * 0, i_n * 0, S_Q + 0 * i_n.to(tl.int32), S_K + 0 * i_n.to(tl.int32)
+    # (packed: queries and keys are the same tokens)
+    i_b, bos_k, L_k = seq_bounds(i_n, CU, S_K, IS_VARLEN)
+    _, bos_q, L_q = seq_bounds(i_n, CU, S_Q, IS_VARLEN)
+    return i_b, bos_q, bos_k, L_q, L_k
 
 
 @triton.jit
@@ -153,7 +147,7 @@ def _state_fwd_kernel(FK, V, HS, ZS, KPM, CU,
                    mask=m_n[:, None] & m_f[None, :], other=0.0)
     b_v = tl.load(V + i_b * s_vb + i_hk * s_vh + keys[:, None] * s_vs + o_d[None, :],
                   mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)
-    b_h = _dot(tl.trans(b_fk), b_v, None, UPCAST, PRECISION)
+    b_h = dot(tl.trans(b_fk), b_v, None, UPCAST, PRECISION)
     base = (i_n * H_KV + i_hk) * NC1 + i_c + 1
     tl.store(HS + base * F * D + o_f[:, None] * D + o_d[None, :], b_h, mask=m_f[:, None] & (o_d[None, :] < D))
     tl.store(ZS + base * F + o_f, tl.sum(b_fk.to(tl.float32), 0), mask=m_f & ((o_f * 0 + i_d) == 0))
@@ -219,7 +213,7 @@ def _fwd_kernel(Q, K, V, FQ, FK, GATE, HS, ZS, O, M2, AMAX, ZD, KPM, CU,
         m_n = _real_keys(KPM, i_b, s_mb, bos_k, o_n, L_k, HAS_KPM)
         b_k = tl.load(p_k + o_n[:, None].to(tl.int64) * s_ks + o_dk[None, :],
                       mask=m_n[:, None] & (o_dk[None, :] < DK), other=0.0)
-        b_s = _dot(b_q, tl.trans(b_k), None, UPCAST, PRECISION) * qk_scale
+        b_s = dot(b_q, tl.trans(b_k), None, UPCAST, PRECISION) * qk_scale
         win, _ = _classify(pos_q, o_n, m_m, m_n, W)
         b_s = tl.where(win, b_s, float("-inf"))
         b_bm = tl.max(b_s, 1)
@@ -242,12 +236,12 @@ def _fwd_kernel(Q, K, V, FQ, FK, GATE, HS, ZS, O, M2, AMAX, ZD, KPM, CU,
         b_v = tl.load(p_v + o_n[:, None].to(tl.int64) * s_vs + o_d[None, :],
                       mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)
         win, old = _classify(pos_q, o_n, m_m, m_n, W)
-        b_s = _dot(b_q, tl.trans(b_k), None, UPCAST, PRECISION) * qk_scale
+        b_s = dot(b_q, tl.trans(b_k), None, UPCAST, PRECISION) * qk_scale
         b_e = tl.where(win, tl.exp2(b_s - m_safe[:, None]), 0.0)
-        b_a = tl.where(old, _dot(b_fq, tl.trans(b_fk), None, UPCAST, PRECISION), 0.0)
+        b_a = tl.where(old, dot(b_fq, tl.trans(b_fk), None, UPCAST, PRECISION), 0.0)
         b_w = b_g * b_e + b_a
         b_den += tl.sum(b_w, 1)
-        acc = _dot(b_w.to(b_v.dtype), b_v, acc, UPCAST, PRECISION)
+        acc = dot(b_w.to(b_v.dtype), b_v, acc, UPCAST, PRECISION)
 
     # -- the state of every older key: acc += fq S_j, den += fq . z_j
     base = (i_n * (H // G) + i_hk) * NC1 + j
@@ -255,7 +249,7 @@ def _fwd_kernel(Q, K, V, FQ, FK, GATE, HS, ZS, O, M2, AMAX, ZD, KPM, CU,
     b_hs = tl.load(HS + base * F * D + o_f[:, None] * D + o_d[None, :], mask=m_fd, other=0.0)
     b_zs = tl.load(ZS + base * F + o_f, mask=o_f < F, other=0.0)
     b_fq32 = b_fq.to(tl.float32)
-    acc = _dot(b_fq32, b_hs, acc, False, PRECISION)
+    acc = dot(b_fq32, b_hs, acc, False, PRECISION)
     b_den += tl.sum(b_fq32 * b_zs[None, :], 1)
 
     # -- one normaliser
@@ -340,24 +334,24 @@ def _bwd_dq_kernel(Q, K, V, FQ, FK, GATE, HS, ZS, O, DO, M2, AMAX, ZD, DELTA, R,
         b_v = tl.load(p_v + o_n[:, None].to(tl.int64) * s_vs + o_d[None, :],
                       mask=m_n[:, None] & (o_d[None, :] < D), other=0.0)
         win, old = _classify(pos_q, o_n, m_m, m_n, W)
-        b_s = _dot(b_q, tl.trans(b_k), None, UPCAST, PRECISION) * qk_scale
+        b_s = dot(b_q, tl.trans(b_k), None, UPCAST, PRECISION) * qk_scale
         b_e = tl.where(win, tl.exp2(b_s - m_safe[:, None]), 0.0)
-        b_a = tl.where(old, _dot(b_fq, tl.trans(b_fk), None, UPCAST, PRECISION), 0.0)
-        b_dp = _dot(b_do, tl.trans(b_v), None, UPCAST, PRECISION)
+        b_a = tl.where(old, dot(b_fq, tl.trans(b_fk), None, UPCAST, PRECISION), 0.0)
+        b_dp = dot(b_do, tl.trans(b_v), None, UPCAST, PRECISION)
         b_dw = (b_dp - b_delta[:, None]) * b_rz[:, None]
         b_le += tl.sum(b_e, 1)
         b_ll += tl.sum(b_a, 1)
         b_pe += tl.sum(b_e * b_dp, 1)
         b_pl += tl.sum(b_a * b_dp, 1)
-        acc_dq = _dot((b_g * b_e * b_dw).to(b_k.dtype), b_k, acc_dq, UPCAST, PRECISION)
-        acc_dfq = _dot(tl.where(old, b_dw, 0.0).to(b_fk.dtype), b_fk, acc_dfq, UPCAST, PRECISION)
+        acc_dq = dot((b_g * b_e * b_dw).to(b_k.dtype), b_k, acc_dq, UPCAST, PRECISION)
+        acc_dfq = dot(tl.where(old, b_dw, 0.0).to(b_fk.dtype), b_fk, acc_dfq, UPCAST, PRECISION)
     # -- the state of older keys: dfq += S_j dO/Z - z_j delta/Z
     base = (i_n * (H // G) + i_hk) * NC1 + j
     m_fd = (o_f[:, None] < F) & (o_d[None, :] < D)
     b_hs = tl.load(HS + base * F * D + o_f[:, None] * D + o_d[None, :], mask=m_fd, other=0.0)
     b_zs = tl.load(ZS + base * F + o_f, mask=o_f < F, other=0.0)
     b_fq32 = b_fq.to(tl.float32)
-    b_t = _dot(b_do.to(tl.float32), tl.trans(b_hs), None, False, PRECISION)  # S_j dO, [rows, F]
+    b_t = dot(b_do.to(tl.float32), tl.trans(b_hs), None, False, PRECISION)  # S_j dO, [rows, F]
     acc_dfq += (b_t - b_delta[:, None] * b_zs[None, :]) * b_rz[:, None]
     b_ll += tl.sum(b_fq32 * b_zs[None, :], 1) + eps
     b_pl += tl.sum(b_fq32 * b_t, 1)
@@ -410,7 +404,7 @@ def _state_bwd_kernel(FQ, DO, ZD, DELTA, DHS, DZS, CU,
         p_row = (i_b * H + i_h) * S_Q + bos_q + o_m
         b_rz = 1.0 / tl.load(ZD + p_row, mask=m_m, other=1.0)
         b_delta = tl.load(DELTA + p_row, mask=m_m, other=0.0)
-        b_dh = _dot(tl.trans(b_fq), b_do * b_rz[:, None], b_dh, False, PRECISION)
+        b_dh = dot(tl.trans(b_fq), b_do * b_rz[:, None], b_dh, False, PRECISION)
         b_dz -= tl.sum(b_fq * (b_delta * b_rz)[:, None], 0)
     base = (i_n * H_KV + i_hk) * NQ1 + i_c
     tl.store(DHS + base * F * D + o_f[:, None] * D + o_d[None, :], b_dh, mask=m_f[:, None] & (o_d[None, :] < D))
@@ -485,17 +479,17 @@ def _bwd_dkdv_kernel(Q, K, V, FQ, FK, GATE, DHS, DZS, DSF, DZF, DO, M2, AMAX, ZD
             winT = ok & (d >= 0) & (d < W)
             oldT = ok & (d >= W)
             # -- e^T = exp2(s^T - m), a^T = fk fq^T, w^T = g e^T + a^T
-            b_sT = _dot(b_k, tl.trans(b_q), None, UPCAST, PRECISION) * qk_scale
+            b_sT = dot(b_k, tl.trans(b_q), None, UPCAST, PRECISION) * qk_scale
             b_eT = tl.where(winT, tl.exp2(b_sT - m_safe[None, :]), 0.0)
-            b_aT = tl.where(oldT, _dot(b_fk, tl.trans(b_fq), None, UPCAST, PRECISION), 0.0)
+            b_aT = tl.where(oldT, dot(b_fk, tl.trans(b_fq), None, UPCAST, PRECISION), 0.0)
             b_wT = b_g * b_eT + b_aT
             # -- dv += w^T dO / Z ; dw^T = (v dO^T - delta) / Z
-            acc_dv = _dot((b_wT * b_rz[None, :]).to(b_do.dtype), b_do, acc_dv, UPCAST, PRECISION)
-            b_dwT = (_dot(b_v, tl.trans(b_do), None, UPCAST, PRECISION) - b_delta[None, :]) * b_rz[None, :]
+            acc_dv = dot((b_wT * b_rz[None, :]).to(b_do.dtype), b_do, acc_dv, UPCAST, PRECISION)
+            b_dwT = (dot(b_v, tl.trans(b_do), None, UPCAST, PRECISION) - b_delta[None, :]) * b_rz[None, :]
             # -- ds^T = g e^T dw^T, minus g R at each row's max key (m_p is differentiable)
             b_dsT = b_g * (b_eT * b_dwT - tl.where(b_am[None, :] == o_n[:, None], b_r[None, :], 0.0))
-            acc_dk = _dot(b_dsT.to(b_q.dtype), b_q, acc_dk, UPCAST, PRECISION)
-            acc_dfk = _dot(tl.where(oldT, b_dwT, 0.0).to(b_fq.dtype), b_fq, acc_dfk, UPCAST, PRECISION)
+            acc_dk = dot(b_dsT.to(b_q.dtype), b_q, acc_dk, UPCAST, PRECISION)
+            acc_dfk = dot(tl.where(oldT, b_dwT, 0.0).to(b_fq.dtype), b_fq, acc_dfk, UPCAST, PRECISION)
     # -- rows that see the whole block as older keys: dfk += v dHS^T + dzs, dv += fk dHS
     m_fd = (o_f[:, None] < F) & (o_d[None, :] < D)
     base = (i_n * H_KV + i_hk) * NQ1 + c
@@ -503,15 +497,15 @@ def _bwd_dkdv_kernel(Q, K, V, FQ, FK, GATE, DHS, DZS, DSF, DZF, DO, M2, AMAX, ZD
     b_dzs = tl.load(DZS + base * F + o_f, mask=o_f < F, other=0.0)
     b_v32 = b_v.to(tl.float32)
     b_fk32 = b_fk.to(tl.float32)
-    acc_dfk = _dot(b_v32, tl.trans(b_dhs), acc_dfk, False, PRECISION) + b_dzs[None, :]
-    acc_dv = _dot(b_fk32, b_dhs, acc_dv, False, PRECISION)
+    acc_dfk = dot(b_v32, tl.trans(b_dhs), acc_dfk, False, PRECISION) + b_dzs[None, :]
+    acc_dv = dot(b_fk32, b_dhs, acc_dv, False, PRECISION)
     if HAS_DSTATE:
         # -- the returned state holds keys < L - w + 1: their share of its gradient
         m_e = o_n < L_k - W + 1
         b_dsf = tl.load(DSF + (i_n * H_KV + i_hk) * F * D + o_f[:, None] * D + o_d[None, :], mask=m_fd, other=0.0)
         b_dzf = tl.load(DZF + (i_n * H_KV + i_hk) * F + o_f, mask=o_f < F, other=0.0)
-        acc_dfk += tl.where(m_e[:, None], _dot(b_v32, tl.trans(b_dsf), None, False, PRECISION) + b_dzf[None, :], 0.0)
-        acc_dv += tl.where(m_e[:, None], _dot(b_fk32, b_dsf, None, False, PRECISION), 0.0)
+        acc_dfk += tl.where(m_e[:, None], dot(b_v32, tl.trans(b_dsf), None, False, PRECISION) + b_dzf[None, :], 0.0)
+        acc_dv += tl.where(m_e[:, None], dot(b_fk32, b_dsf, None, False, PRECISION), 0.0)
     # padded keys take no part: their gradients are 0
     acc_dfk = tl.where(m_n[:, None], acc_dfk, 0.0)
     acc_dv = tl.where(m_n[:, None], acc_dv, 0.0)
@@ -531,7 +525,7 @@ def _bwd_dkdv_kernel(Q, K, V, FQ, FK, GATE, DHS, DZS, DSF, DZF, DO, M2, AMAX, ZD
 def _blocks(block_m, block_n, num_warps, dims, dtype):
     """BLOCK_M, BLOCK_N, num_warps: the caller's, else 32 x 32 in the interpreter and for fp32 (exact fp32 dots,
     no tensor cores), 64 x 64 for fp16/bf16 on a GPU."""
-    default = 32 if _interpreting() or dtype == torch.float32 else 64
+    default = 32 if interpreting() or dtype == torch.float32 else 64
     bm, bn = block_m or default, block_n or default
     for name, b in (("block_m", bm), ("block_n", bn)):
         if b < 16 or b & (b - 1):
@@ -565,11 +559,11 @@ class _Call:
         self.bm, self.bn, self.num_warps = _blocks(block_m, block_n, num_warps, (self.Dk, self.F, self.D), q.dtype)
         self.nc1 = triton.cdiv(self.max_k, self.bn) + 1      # states before each key chunk, and after the last
         self.nq1 = triton.cdiv(self.max_q, self.bm) + 1      # suffix gradients from each query block on, and 0
-        self.upcast, self.precision = _dot_flags(q.dtype)
-        self.dims = dict(DK=self.Dk, F=self.F, D=self.D, DK_PAD=_pad_dim(self.Dk), F_PAD=_pad_dim(self.F),
-                         D_PAD=_pad_dim(self.D))
-        self.bf, self.bd = _state_tile(_pad_dim(self.F)), _state_tile(_pad_dim(self.D))
-        self.n_ft, self.n_dt = _pad_dim(self.F) // self.bf, _pad_dim(self.D) // self.bd
+        self.upcast, self.precision = dot_flags(q.dtype)
+        self.dims = dict(DK=self.Dk, F=self.F, D=self.D, DK_PAD=pad_dim(self.Dk), F_PAD=pad_dim(self.F),
+                         D_PAD=pad_dim(self.D))
+        self.bf, self.bd = _state_tile(pad_dim(self.F)), _state_tile(pad_dim(self.D))
+        self.n_ft, self.n_dt = pad_dim(self.F) // self.bf, pad_dim(self.D) // self.bd
         self.flags = dict(HAS_KPM=self.kpm is not None, IS_VARLEN=self.cu is not None, UPCAST=self.upcast,
                           PRECISION=self.precision)
 
@@ -616,7 +610,7 @@ def _hybrid_fwd(c, q, k, v, fq, fk, gate, s0, z0):
 def _hybrid_bwd(c, do, dsf, dzf, q, k, v, fq, fk, gate, s0, z0, out, m2, amax, zden):
     """Gradients (dq, dk, dv, dfq, dfk, dgate, dS0, dz0) of the forward's (out, S_final, z_final)."""
     dev = q.device
-    do = _last_dim_contiguous(do.to(out.dtype))
+    do = last_dim_contiguous(do.to(out.dtype))
     hs, zs = _states(c, fk, v, s0, z0)  # recomputed: cheaper to keep than T/C full states per layer
     dq, dfq = torch.empty_like(q), torch.empty_like(fq)
     dk, dv, dfk = torch.empty_like(k), torch.empty_like(v), torch.empty_like(fk)
@@ -713,7 +707,7 @@ def hybrid_attention_triton(q, k, v, fq, fk, *, window, window_factor=1.0, scale
     s0 = z0 = None
     if initial_state is not None:
         s0, z0 = (x.float().contiguous() for x in initial_state)
-    q, k, v, fq, fk = (_last_dim_contiguous(t) for t in (q, k, v, fq, fk))
+    q, k, v, fq, fk = (last_dim_contiguous(t) for t in (q, k, v, fq, fk))
     call = _Call(q, k, v, fq, fk, window=window, scale=scale, eps=eps, key_padding_mask=key_padding_mask,
                  cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, block_m=block_m, block_n=block_n,
                  num_warps=num_warps)

@@ -10,25 +10,34 @@ How it works:
   dim r + d_r), and the scores ``q_lat @ c^T + q_rope @ k_rope^T`` are real matrix products;
 * the cache is cut into ``num_splits`` contiguous ranges, one program each (grid: split x batch), and
   each writes its normalised partial latent output and its partial log-sum-exp (base 2) in fp32;
-* a merge kernel combines the splits per (batch, head) with a log-sum-exp weighting.
+* the shared merge (``triton_utils.jit.merge_splits``) combines the splits per (batch, head) with a
+  log-sum-exp weighting.
 """
 
 from __future__ import annotations
-
-import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ..triton_utils import (
+    KERNEL_DTYPES,
+    LOG2E,
+    auto_num_splits,
+    dot_flags,
+    key_padding_arg,
+    last_dim_contiguous,
+    pad_dim,
+    record_build,
+)
+from ..triton_utils.jit import merge_splits
 from .reference import check_latent_inputs
 
 __all__ = ["MAX_LATENT_DIM", "mla_decode"]
 
 MAX_LATENT_DIM = 1024       # r and d_r: one tile row holds the whole latent
-MIN_KEYS_PER_SPLIT = 256    # below this a split's fixed cost (the q load, the partial write) dominates
-LOG2E = 1.4426950408889634  # 1/ln 2
+
+INTERPRETED = record_build(__name__)
 
 
 @triton.heuristics({"HAS_KPM": lambda a: a["KPM"] is not None})
@@ -103,45 +112,6 @@ def _mla_split_kernel(QL, QR, C, KR, KPM, O_PART, LSE_PART,
     tl.store(LSE_PART + i_b * s_lpb + offs_h * s_lph + i_s, b_lse2, mask=m_h)
 
 
-@triton.jit
-def _mla_merge_kernel(O_PART, LSE_PART, O, LSE,
-                      s_pb, s_ph, s_ps, s_lpb, s_lph, s_ob, s_oh, s_lb,
-                      H, N_SPLITS, R: tl.constexpr, R_PAD: tl.constexpr, NS_PAD: tl.constexpr):
-    # One program per (batch * head): out = sum_s exp(lse_s - lse) * out_s
-    i_bh = tl.program_id(0).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    offs_s = tl.arange(0, NS_PAD)
-    offs_r = tl.arange(0, R_PAD)
-    m_s = offs_s < N_SPLITS
-    b_lse2 = tl.load(LSE_PART + i_b * s_lpb + i_h * s_lph + offs_s, mask=m_s, other=float("-inf"))
-    b_o = tl.load(O_PART + i_b * s_pb + i_h * s_ph + offs_s[:, None] * s_ps + offs_r[None, :],
-                  mask=m_s[:, None] & (offs_r[None, :] < R), other=0.0)
-    # -- log-sum-exp over the splits; a row no split saw keeps m = -inf and shifts by 0
-    m = tl.max(b_lse2, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    b_w = tl.exp2(b_lse2 - m_safe)
-    l = tl.sum(b_w, 0)
-    l_safe = tl.where(l == 0.0, 1.0, l)
-    b_out = tl.sum(b_w[:, None] * b_o, 0) / l_safe
-    b_lse = tl.where(l == 0.0, float("-inf"), (m_safe + tl.log2(l_safe)) * 0.6931471805599453)  # ln 2
-    tl.store(O + i_b * s_ob + i_h * s_oh + offs_r, b_out.to(O.dtype.element_ty), mask=offs_r < R)
-    tl.store(LSE + i_b * s_lb + i_h, b_lse)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _pad(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))   # tl.dot needs every dim >= 16
-
-
-def _auto_num_splits(batch: int, seq_len: int, device) -> int:
-    """Enough splits for about two programs per SM, each with at least MIN_KEYS_PER_SPLIT keys."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(seq_len, MIN_KEYS_PER_SPLIT), triton.cdiv(2 * sms, batch), 128))
-
-
 def mla_decode(q_lat, q_rope, latent, k_rope, *, scale: float, key_padding_mask=None, num_splits=None,
                block_n: int | None = None):
     """MLA decode over a latent cache with split-KV and a log-sum-exp merge. Forward only.
@@ -161,41 +131,35 @@ def mla_decode(q_lat, q_rope, latent, k_rope, *, scale: float, key_padding_mask=
         raise ValueError(f"mla_decode serves one new token per sequence, got Sq={Sq}: use the reference "
                          "(latent_attention_reference) for prefill or chunks")
     dtypes = {t.dtype for t in (q_lat, q_rope, latent, k_rope)}
-    if len(dtypes) != 1 or q_lat.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if len(dtypes) != 1 or q_lat.dtype not in KERNEL_DTYPES:
         raise ValueError(f"mla_decode needs all inputs in one dtype among float16/bfloat16/float32, got {dtypes}")
     if max(R, DR) > MAX_LATENT_DIM or H > 128:
         raise ValueError(f"r={R}, d_r={DR}, H={H}: mla_decode supports r, d_r <= {MAX_LATENT_DIM} and H <= 128")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    q_lat, q_rope, latent, k_rope = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_lat, q_rope, latent, k_rope))
+    q_lat, q_rope, latent, k_rope = (last_dim_contiguous(t) for t in (q_lat, q_rope, latent, k_rope))
     out = torch.empty(B, H, 1, R, dtype=q_lat.dtype, device=q_lat.device)
     lse = torch.empty(B, H, 1, dtype=torch.float32, device=q_lat.device)
     if B == 0 or H == 0:
         return out, lse
-    num_splits = num_splits or _auto_num_splits(B, Sk, q_lat.device)
+    num_splits = num_splits or auto_num_splits(B, Sk, q_lat.device)
     o_part = torch.empty(B, H, num_splits, R, dtype=torch.float32, device=q_lat.device)
     lse_part = torch.empty(B, H, num_splits, dtype=torch.float32, device=q_lat.device)
-    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
-    upcast = _interpreting() and q_lat.dtype != torch.float32
-    precision = "ieee" if q_lat.dtype == torch.float32 or upcast else "tf32"
-    R_PAD, DR_PAD = _pad(R), _pad(DR)
+    kpm, s_mb = key_padding_arg(key_padding_mask)
+    upcast, precision = dot_flags(q_lat.dtype)
+    R_PAD, DR_PAD = pad_dim(R), pad_dim(DR)
     block_n = block_n or (32 if R_PAD >= 512 else 64)
     # -- one program per (split, batch): all heads share each loaded block of the cache
     _mla_split_kernel[(num_splits, B)](
         q_lat, q_rope, latent, k_rope, kpm, o_part, lse_part,
         q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
         latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
-        0 if kpm is None else kpm.stride(0),
+        s_mb,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
         H, Sk, num_splits, float(scale) * LOG2E,
         R=R, DR=DR, R_PAD=R_PAD, DR_PAD=DR_PAD, UPCAST=upcast, PRECISION=precision,
-        BLOCK_H=_pad(H), BLOCK_N=block_n,
+        BLOCK_H=pad_dim(H), BLOCK_N=block_n,
     )
-    # -- merge the splits, one program per (batch * head)
-    _mla_merge_kernel[(B * H,)](
-        o_part, lse_part, out, lse,
-        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
-        H, num_splits, R=R, R_PAD=triton.next_power_of_2(R), NS_PAD=triton.next_power_of_2(num_splits),
-    )
+    # -- merge the splits, one program per (batch * head): the partial results as one token of [B, H, 1, splits, r]
+    merge_splits(o_part[:, :, None], lse_part[:, :, None], out, lse)
     return out, lse

@@ -11,29 +11,14 @@ This module imports triton only when a kernel runs, so it also answers on machin
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import torch
 
+from ..triton_utils import KERNEL_DTYPES, MAX_HEAD_DIM, max_seqlen, triton_unavailable_reason
 from .reference import check_attention_inputs
 
 __all__ = ["triton_unsupported_reason", "triton_softmax_attention"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 256  # triton_flash.MAX_HEAD_DIM, repeated so this module needs no triton
-_MAX_DECODE_Q_LEN = 16  # triton_decode.MAX_DECODE_Q_LEN
-
-
-def _interpret_state() -> str | None:
-    """None when Triton can run on CPU tensors (the interpreter), else why not."""
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return "TRITON_INTERPRET is not 1"
-    flash = sys.modules.get(__package__ + ".triton_flash")
-    if flash is not None and not flash.INTERPRETED:
-        return "the kernels were imported before TRITON_INTERPRET=1 was set"
-    return None
+MAX_DECODE_Q_LEN = 16  # the decode kernel packs G x q_len rows in one tile (triton_decode.MAX_DECODE_Q_LEN)
 
 
 def triton_unsupported_reason(q, k, v, *, scale=None, causal=False, window=None, softcap=None,
@@ -43,28 +28,25 @@ def triton_unsupported_reason(q, k, v, *, scale=None, causal=False, window=None,
 
     Shapes are not validated here (the kernels raise ValueError on bad input, like the reference).
     """
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
     devices = {t.device for t in (q, k, v)}
     if len(devices) > 1:
         return f"q, k, v on different devices ({', '.join(sorted(str(d) for d in devices))})"
-    if q.device.type != "cuda":
-        why = _interpret_state()
-        if why is not None:
-            return f"tensors on {q.device.type} and {why}"
+    why = triton_unavailable_reason(q.device)
+    if why is not None:
+        return why
     if attn_mask is not None:
         return "arbitrary 4-D attn_mask"
     if dropout_p:
         return "dropout"
     if sinks is not None and sinks.dim() != 1:
         return "per-query sinks; the kernels take one sink logit per head"
-    if q.dtype not in _DTYPES:
+    if q.dtype not in KERNEL_DTYPES:
         return f"dtype {str(q.dtype).replace('torch.', '')}"
     if k.dtype != q.dtype or v.dtype != q.dtype:
         return f"mixed dtypes (q {q.dtype}, k {k.dtype}, v {v.dtype})"
     head_dim = max(q.shape[-1], v.shape[-1])
-    if head_dim > _MAX_HEAD_DIM:
-        return f"head_dim {head_dim} > {_MAX_HEAD_DIM}"
+    if head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim} > {MAX_HEAD_DIM}"
     return None
 
 
@@ -87,15 +69,15 @@ def triton_softmax_attention(q, k, v, *, scale=None, causal=False, window=None, 
                            cu_seqlens_k=cu_seqlens_k, window=window, softcap=softcap)
     if cu_seqlens_q is not None:
         if max_seqlen_q is None:
-            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+            max_seqlen_q = max_seqlen(cu_seqlens_q)
         if max_seqlen_k is None:
-            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+            max_seqlen_k = max_seqlen(cu_seqlens_k)
     opts = dict(scale=scale, causal=causal, window=window, softcap=softcap, key_padding_mask=key_padding_mask,
                 sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
     q_len = q.shape[2] if cu_seqlens_q is None else max_seqlen_q
-    if not needs_grad and q_len <= _MAX_DECODE_Q_LEN:
+    if not needs_grad and q_len <= MAX_DECODE_Q_LEN:
         from .triton_decode import decode_attention
         return decode_attention(q, k, v, **opts)
     from .triton_flash import flash_attention

@@ -27,30 +27,33 @@ How it works:
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ..triton_utils import (
+    KERNEL_DTYPES,
+    LOG2E,
+    MAX_HEAD_DIM,
+    cu_seqlens_arg,
+    dot_flags,
+    key_padding_arg,
+    last_dim_contiguous,
+    max_seqlen,
+    pad_dim,
+    record_build,
+)
+from ..triton_utils.jit import LN2_K, LOG2E_K, autotune_configs, dot, seq_bounds, tile_pruner
 from .reference import check_attention_inputs
 
 __all__ = ["flash_attention"]
 
-LOG2E = 1.4426950408889634  # 1/ln 2: exp(x) = exp2(x * LOG2E)
-MAX_HEAD_DIM = 256
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# triton.jit builds interpreter or GPU kernels depending on TRITON_INTERPRET when this module is imported
-INTERPRETED = _interpreting()
+INTERPRETED = record_build(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared @triton.jit helpers (also used by triton_decode.py)
+# Shared @triton.jit helpers (the masks and stages also serve triton_decode.py)
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -61,15 +64,6 @@ def _tanh(x):
     x2 = x * x
     series = x * (1.0 + x2 * (-0.333333333333 + x2 * (0.133333333333 + x2 * (-0.0539682539683))))
     return tl.where(tl.abs(x) < 0.125, series, 1.0 - 2.0 / (tl.exp2(x * 2.88539008) + 1.0))
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # UPCAST: the interpreter's low-precision dot is wrong, so fp16/bf16 tiles go through fp32 there
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -140,50 +134,8 @@ def _q_stages(n0, off, L_q, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 # ----------------------------------------------------------------------------------------------
-# Tile configurations
+# Tile configurations (candidate grids and defaults; see triton_utils.jit for how they are used)
 # ----------------------------------------------------------------------------------------------
-# Each kernel has a grid of candidate tiles and a default per (padded head dim, fp32 or not). The
-# defaults are what runs; HFA_TRITON_AUTOTUNE=1 benchmarks every candidate that fits instead (slow
-# the first time each shape family is seen: every candidate compiles). The interpreter has one tile.
-
-def _autotuning() -> bool:
-    return os.environ.get("HFA_TRITON_AUTOTUNE", "0") == "1"
-
-
-def _space(space):
-    """Every triton.Config of a {meta-parameter: values} grid (with "num_warps"/"num_stages")."""
-    names = [n for n in space if n not in ("num_warps", "num_stages")]
-    configs = [dict()]
-    for n in names:
-        configs = [dict(c, **{n: x}) for c in configs for x in space[n]]
-    return [triton.Config(c, num_warps=w, num_stages=st) for c in configs
-            for w in space["num_warps"] for st in space["num_stages"]]
-
-
-def _configs(space, interpret_tile):
-    if _interpreting():
-        return [triton.Config(interpret_tile, num_warps=4, num_stages=1)]
-    return _space(space)
-
-
-def _tile_pruner(default, streamed="BLOCK_N"):
-    """early_config_prune keeping the default tile for this head dim and dtype, or, when autotuning, every
-    tile whose shared memory fits (plus the default). default(d_pad, fp32) -> (meta, num_warps, num_stages);
-    streamed: the tile loaded num_stages times per step (K/V blocks, or Q/dO blocks in the dK/dV kernel)."""
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        d, fp32 = max(args["D_PAD"], args["DV_PAD"]), args["PRECISION"] == "ieee"
-        meta, warps, stages = default(d, fp32)
-        chosen = [c for c in configs if c.kwargs == meta and (c.num_warps, c.num_stages) == (warps, stages)]
-        if not _autotuning():
-            return chosen or configs[:1]
-        resident = "BLOCK_M" if streamed == "BLOCK_N" else "BLOCK_N"
-
-        def smem(c):  # the resident tile plus num_stages pairs of streamed tiles, in bytes
-            return (4 if fp32 else 2) * d * (c.kwargs.get(resident, 16) + c.num_stages * 2 * c.kwargs[streamed])
-        return [c for c in configs if smem(c) <= 200 * 1024 and c not in chosen] + chosen or configs[:1]
-    return prune
-
 
 _FWD_SPACE = dict(BLOCK_M=(64, 128), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
 _DKDV_SPACE = dict(BLOCK_M=(16, 32, 64), BLOCK_N=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
@@ -214,7 +166,7 @@ def _dq_default(d, fp32):
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, b_q, p_k, p_v, p_kpm, pos_q, lo, hi, L_k, W, s_kn, s_vn,
+def fwd_inner(acc, l_i, m_i, b_q, p_k, p_v, p_kpm, pos_q, lo, hi, L_k, W, s_kn, s_vn,
                qk_scale, sc_in, sc_out,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -232,7 +184,7 @@ def _fwd_inner(acc, l_i, m_i, b_q, p_k, p_v, p_kpm, pos_q, lo, hi, L_k, W, s_kn,
         # -- s = q k^T in base 2
         b_k = tl.load(p_kn + offs_n[:, None] * s_kn + offs_d[None, :], mask=m_n[:, None] & (offs_d[None, :] < D),
                       other=0.0)
-        b_s = _dot(b_q, tl.trans(b_k), None, UPCAST, PRECISION)
+        b_s = dot(b_q, tl.trans(b_k), None, UPCAST, PRECISION)
         if HAS_SOFTCAP:
             b_s = sc_out * _tanh(b_s * sc_in)
         else:
@@ -251,7 +203,7 @@ def _fwd_inner(acc, l_i, m_i, b_q, p_k, p_v, p_kpm, pos_q, lo, hi, L_k, W, s_kn,
         # -- update the output accumulator
         b_v = tl.load(p_vn + offs_n[:, None] * s_vn + offs_dv[None, :], mask=m_n[:, None] & (offs_dv[None, :] < DV),
                       other=0.0)
-        acc = _dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], UPCAST, PRECISION)
+        acc = dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], UPCAST, PRECISION)
         m_i = m_new
         p_kn += BLOCK_N * s_kn
         p_vn += BLOCK_N * s_vn
@@ -263,9 +215,9 @@ def _fwd_inner(acc, l_i, m_i, b_q, p_k, p_v, p_kpm, pos_q, lo, hi, L_k, W, s_kn,
     "HAS_SINKS": lambda a: a["SINKS"] is not None,
     "IS_VARLEN": lambda a: a["CU_Q"] is not None,
 })
-@triton.autotune(configs=_configs(_FWD_SPACE, dict(BLOCK_M=64, BLOCK_N=64)),
+@triton.autotune(configs=autotune_configs(_FWD_SPACE, dict(BLOCK_M=64, BLOCK_N=64)),
                  key=["D_PAD", "DV_PAD", "CAUSAL", "HAS_WINDOW", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _tile_pruner(_fwd_default)})
+                 prune_configs_by={"early_config_prune": tile_pruner(_fwd_default)})
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, KPM, SINKS, CU_Q, CU_K,
                 s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ob, s_oh, s_os, s_lb, s_lh, s_mb,
@@ -282,18 +234,8 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, SINKS, CU_Q, CU_K,
     i_n, i_h = i_bh // H, i_bh % H
     i_hk = i_h // G
     # -- sequence bounds: a batch row, or one packed sequence of batch 0
-    if IS_VARLEN:
-        i_b = 0
-        bos_q = tl.load(CU_Q + i_n).to(tl.int64)
-        L_q = (tl.load(CU_Q + i_n + 1) - bos_q).to(tl.int32)
-        bos_k = tl.load(CU_K + i_n).to(tl.int64)
-        L_k = (tl.load(CU_K + i_n + 1) - bos_k).to(tl.int32)
-    else:
-        i_b = i_n
-        bos_q = 0
-        L_q = S_Q
-        bos_k = 0
-        L_k = S_K
+    i_b, bos_q, L_q = seq_bounds(i_n, CU_Q, S_Q, IS_VARLEN)
+    _, bos_k, L_k = seq_bounds(i_n, CU_K, S_K, IS_VARLEN)
     m0 = i_m * BLOCK_M
     if m0 >= L_q:
         return
@@ -320,20 +262,20 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, SINKS, CU_Q, CU_K,
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     lo, full_lo, full_hi, hi = _kv_stages(m0, off, L_k, W, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     # -- stage 1: blocks cut by the lower edge of the window
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, b_q, p_k, p_v, p_kpm, pos_q, lo, full_lo, L_k, W, s_ks, s_vs,
+    acc, l_i, m_i = fwd_inner(acc, l_i, m_i, b_q, p_k, p_v, p_kpm, pos_q, lo, full_lo, L_k, W, s_ks, s_vs,
                                qk_scale, sc_in, sc_out, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM,
                                D, DV, D_PAD, DV_PAD, BLOCK_N, UPCAST, PRECISION)
     # -- stage 2: blocks every row sees whole
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, b_q, p_k, p_v, p_kpm, pos_q, full_lo, full_hi, L_k, W, s_ks, s_vs,
+    acc, l_i, m_i = fwd_inner(acc, l_i, m_i, b_q, p_k, p_v, p_kpm, pos_q, full_lo, full_hi, L_k, W, s_ks, s_vs,
                                qk_scale, sc_in, sc_out, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM,
                                D, DV, D_PAD, DV_PAD, BLOCK_N, UPCAST, PRECISION)
     # -- stage 3: the causal diagonal, the window's upper edge, the last partial block
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, b_q, p_k, p_v, p_kpm, pos_q, full_hi, hi, L_k, W, s_ks, s_vs,
+    acc, l_i, m_i = fwd_inner(acc, l_i, m_i, b_q, p_k, p_v, p_kpm, pos_q, full_hi, hi, L_k, W, s_ks, s_vs,
                                qk_scale, sc_in, sc_out, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM,
                                D, DV, D_PAD, DV_PAD, BLOCK_N, UPCAST, PRECISION)
     # -- sinks: one more logit per head in the denominator, with no value
     if HAS_SINKS:
-        b_sink = tl.load(SINKS + i_h).to(tl.float32) * 1.44269504  # 1/ln 2
+        b_sink = tl.load(SINKS + i_h).to(tl.float32) * LOG2E_K
         m_new = tl.maximum(m_i, b_sink)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -343,7 +285,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, SINKS, CU_Q, CU_K,
     # -- normalise; a row that saw nothing writes 0 and lse = -inf
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     b_o = acc / l_safe[:, None]
-    b_lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # ln 2
+    b_lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2_K)
     p_o = O + i_b * s_ob + i_h * s_oh + row0 * s_os
     tl.store(p_o + offs_r[:, None] * s_os + offs_dv[None, :], b_o.to(O.dtype.element_ty),
              mask=m_m[:, None] & (offs_dv[None, :] < DV))
@@ -400,10 +342,10 @@ def _bwd_dkdv_inner(acc_dk, acc_dv, b_k, b_v, b_kpm, p_q, p_do, p_lse, p_delta, 
                        mask=m_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
         # rows that saw nothing (lse = -inf) and rows past the end get p = 0 through lse = +inf
         b_lse = tl.load(p_lse + o_m, mask=m_m, other=float("-inf"))
-        b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.44269504)  # 1/ln 2
+        b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E_K)
         b_delta = tl.load(p_delta + o_m, mask=m_m, other=0.0)
         # -- p^T = exp2(s^T - lse)
-        b_sT = _dot(b_k, tl.trans(b_q), None, UPCAST, PRECISION)
+        b_sT = dot(b_k, tl.trans(b_q), None, UPCAST, PRECISION)
         if HAS_SOFTCAP:
             b_tT = _tanh(b_sT * sc_in)
             b_sT = sc_out * b_tT
@@ -416,12 +358,12 @@ def _bwd_dkdv_inner(acc_dk, acc_dv, b_k, b_v, b_kpm, p_q, p_do, p_lse, p_delta, 
             b_sT = tl.where(b_kpm[:, None], b_sT, float("-inf"))
         b_pT = tl.exp2(b_sT - b_lse[None, :])
         # -- dV += p^T dO ; dS^T = p^T * (dP^T - delta) ; dK += dS^T q
-        acc_dv = _dot(b_pT.to(b_do.dtype), b_do, acc_dv, UPCAST, PRECISION)
-        b_dpT = _dot(b_v, tl.trans(b_do), None, UPCAST, PRECISION)
+        acc_dv = dot(b_pT.to(b_do.dtype), b_do, acc_dv, UPCAST, PRECISION)
+        b_dpT = dot(b_v, tl.trans(b_do), None, UPCAST, PRECISION)
         b_dsT = b_pT * (b_dpT - b_delta[None, :])
         if HAS_SOFTCAP:
             b_dsT = b_dsT * (1.0 - b_tT * b_tT)
-        acc_dk = _dot(b_dsT.to(b_q.dtype), b_q, acc_dk, UPCAST, PRECISION)
+        acc_dk = dot(b_dsT.to(b_q.dtype), b_q, acc_dk, UPCAST, PRECISION)
         p_qm += BLOCK_M * s_qs
         p_dom += BLOCK_M * s_dos
     return acc_dk, acc_dv
@@ -431,9 +373,9 @@ def _bwd_dkdv_inner(acc_dk, acc_dv, b_k, b_v, b_kpm, p_q, p_do, p_lse, p_delta, 
     "HAS_KPM": lambda a: a["KPM"] is not None,
     "IS_VARLEN": lambda a: a["CU_Q"] is not None,
 })
-@triton.autotune(configs=_configs(_DKDV_SPACE, dict(BLOCK_M=64, BLOCK_N=64)),
+@triton.autotune(configs=autotune_configs(_DKDV_SPACE, dict(BLOCK_M=64, BLOCK_N=64)),
                  key=["D_PAD", "DV_PAD", "CAUSAL", "HAS_WINDOW", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _tile_pruner(_dkdv_default, streamed="BLOCK_M")})
+                 prune_configs_by={"early_config_prune": tile_pruner(_dkdv_default, streamed="BLOCK_M")})
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, KPM, CU_Q, CU_K,
                      s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos,
@@ -447,18 +389,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, KPM, CU_Q, CU_K,
     i_nb = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_n, i_hk = i_bh // H_KV, i_bh % H_KV
-    if IS_VARLEN:
-        i_b = 0
-        bos_q = tl.load(CU_Q + i_n).to(tl.int64)
-        L_q = (tl.load(CU_Q + i_n + 1) - bos_q).to(tl.int32)
-        bos_k = tl.load(CU_K + i_n).to(tl.int64)
-        L_k = (tl.load(CU_K + i_n + 1) - bos_k).to(tl.int32)
-    else:
-        i_b = i_n
-        bos_q = 0
-        L_q = S_Q
-        bos_k = 0
-        L_k = S_K
+    i_b, bos_q, L_q = seq_bounds(i_n, CU_Q, S_Q, IS_VARLEN)
+    _, bos_k, L_k = seq_bounds(i_n, CU_K, S_K, IS_VARLEN)
     n0 = i_nb * BLOCK_N
     if n0 >= L_k:
         return
@@ -531,7 +463,7 @@ def _bwd_dq_inner(acc_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, p_kpm, pos_q, lo,
         b_v = tl.load(p_vn + offs_n[:, None] * s_vn + offs_dv[None, :], mask=m_n[:, None] & (offs_dv[None, :] < DV),
                       other=0.0)
         # -- p = exp2(s - lse)
-        b_s = _dot(b_q, tl.trans(b_k), None, UPCAST, PRECISION)
+        b_s = dot(b_q, tl.trans(b_k), None, UPCAST, PRECISION)
         if HAS_SOFTCAP:
             b_t = _tanh(b_s * sc_in)
             b_s = sc_out * b_t
@@ -544,11 +476,11 @@ def _bwd_dq_inner(acc_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, p_kpm, pos_q, lo,
             b_s = tl.where(b_kpm[None, :], b_s, float("-inf"))
         b_p = tl.exp2(b_s - b_lse[:, None])
         # -- dS = p * (dO v^T - delta) ; dQ += dS k
-        b_dp = _dot(b_do, tl.trans(b_v), None, UPCAST, PRECISION)
+        b_dp = dot(b_do, tl.trans(b_v), None, UPCAST, PRECISION)
         b_ds = b_p * (b_dp - b_delta[:, None])
         if HAS_SOFTCAP:
             b_ds = b_ds * (1.0 - b_t * b_t)
-        acc_dq = _dot(b_ds.to(b_k.dtype), b_k, acc_dq, UPCAST, PRECISION)
+        acc_dq = dot(b_ds.to(b_k.dtype), b_k, acc_dq, UPCAST, PRECISION)
         p_kn += BLOCK_N * s_kn
         p_vn += BLOCK_N * s_vn
     return acc_dq
@@ -558,9 +490,9 @@ def _bwd_dq_inner(acc_dq, b_q, b_do, b_lse, b_delta, p_k, p_v, p_kpm, pos_q, lo,
     "HAS_KPM": lambda a: a["KPM"] is not None,
     "IS_VARLEN": lambda a: a["CU_Q"] is not None,
 })
-@triton.autotune(configs=_configs(_DQ_SPACE, dict(BLOCK_M=64, BLOCK_N=64)),
+@triton.autotune(configs=autotune_configs(_DQ_SPACE, dict(BLOCK_M=64, BLOCK_N=64)),
                  key=["D_PAD", "DV_PAD", "CAUSAL", "HAS_WINDOW", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _tile_pruner(_dq_default)})
+                 prune_configs_by={"early_config_prune": tile_pruner(_dq_default)})
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K,
                    s_qb, s_qh, s_qs, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_dob, s_doh, s_dos,
@@ -577,18 +509,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K,
     i_bh = tl.program_id(1).to(tl.int64)
     i_n, i_h = i_bh // H, i_bh % H
     i_hk = i_h // G
-    if IS_VARLEN:
-        i_b = 0
-        bos_q = tl.load(CU_Q + i_n).to(tl.int64)
-        L_q = (tl.load(CU_Q + i_n + 1) - bos_q).to(tl.int32)
-        bos_k = tl.load(CU_K + i_n).to(tl.int64)
-        L_k = (tl.load(CU_K + i_n + 1) - bos_k).to(tl.int32)
-    else:
-        i_b = i_n
-        bos_q = 0
-        L_q = S_Q
-        bos_k = 0
-        L_k = S_K
+    i_b, bos_q, L_q = seq_bounds(i_n, CU_Q, S_Q, IS_VARLEN)
+    _, bos_k, L_k = seq_bounds(i_n, CU_K, S_K, IS_VARLEN)
     m0 = i_m * BLOCK_M
     if m0 >= L_q:
         return
@@ -606,7 +528,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K,
     b_do = tl.load(DO + i_b * s_dob + i_h * s_doh + row0 * s_dos + offs_r[:, None] * s_dos + offs_dv[None, :],
                    mask=m_m[:, None] & (offs_dv[None, :] < DV), other=0.0)
     b_lse = tl.load(LSE + i_b * s_lb + i_h * s_lh + bos_q + offs_m, mask=m_m, other=float("-inf"))
-    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.44269504)  # 1/ln 2; empty rows get p = 0
+    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse * LOG2E_K)  # empty rows get p = 0
     b_delta = tl.load(DELTA + i_b * s_lb + i_h * s_lh + bos_q + offs_m, mask=m_m, other=0.0)
     p_k = K + i_b * s_kb + i_hk * s_kh + bos_k * s_ks
     p_v = V + i_b * s_vb + i_hk * s_vh + bos_k * s_vs
@@ -634,38 +556,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, CU_Q, CU_K,
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-def _pad_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))  # tl.dot needs every tile dim >= 16
-
-
-def _dot_flags(dtype):
-    """(UPCAST, PRECISION): exact fp32 dots for fp32 inputs; fp32 dots in the interpreter."""
-    upcast = _interpreting() and dtype != torch.float32
-    return upcast, ("ieee" if dtype == torch.float32 or upcast else "tf32")
-
-
-def _score_consts(scale, softcap):
+def score_consts(scale, softcap):
     """(qk_scale, sc_in, sc_out): s2 = raw * qk_scale, or with a cap s2 = sc_out * tanh(raw * sc_in)."""
     if softcap is None:
         return scale * LOG2E, 0.0, 0.0
     return scale * LOG2E, scale / softcap, softcap * LOG2E
-
-
-def _last_dim_contiguous(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _seq_args(cu_seqlens_q, cu_seqlens_k):
-    if cu_seqlens_q is None:
-        return None, None
-    return cu_seqlens_q.to(torch.int32).contiguous(), cu_seqlens_k.to(torch.int32).contiguous()
-
-
-def _kpm_arg(key_padding_mask):
-    if key_padding_mask is None:
-        return None, 0
-    kpm = key_padding_mask.to(torch.int8).contiguous()
-    return kpm, kpm.stride(0)
 
 
 def _flash_fwd(q, k, v, *, scale, causal, window, softcap, key_padding_mask, sinks, cu_seqlens_q, cu_seqlens_k,
@@ -676,11 +571,11 @@ def _flash_fwd(q, k, v, *, scale, causal, window, softcap, key_padding_mask, sin
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     if out.numel() == 0 or lse.numel() == 0:
         return out.zero_(), lse.fill_(-math.inf)
-    cu_q, cu_k = _seq_args(cu_seqlens_q, cu_seqlens_k)
-    kpm, s_mb = _kpm_arg(key_padding_mask)
+    cu_q, cu_k = cu_seqlens_arg(cu_seqlens_q), cu_seqlens_arg(cu_seqlens_k)
+    kpm, s_mb = key_padding_arg(key_padding_mask)
     n_seq = B if cu_q is None else cu_q.numel() - 1
-    upcast, precision = _dot_flags(q.dtype)
-    qk_scale, sc_in, sc_out = _score_consts(scale, softcap)
+    upcast, precision = dot_flags(q.dtype)
+    qk_scale, sc_in, sc_out = score_consts(scale, softcap)
     grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), n_seq * Hq)  # noqa: E731
     _fwd_kernel[grid](
         q, k, v, out, lse, kpm, sinks, cu_q, cu_k,
@@ -688,7 +583,7 @@ def _flash_fwd(q, k, v, *, scale, causal, window, softcap, key_padding_mask, sin
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), s_mb,
         Hq, Hq // Hkv, Sq, Skv, int(window or 0), qk_scale, sc_in, sc_out,
-        D=D, DV=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv),
+        D=D, DV=Dv, D_PAD=pad_dim(D), DV_PAD=pad_dim(Dv),
         CAUSAL=bool(causal), HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         UPCAST=upcast, PRECISION=precision,
     )
@@ -711,7 +606,7 @@ def _flash_bwd(do, dlse, q, k, v, out, lse, *, scale, causal, window, softcap, k
                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     B, Hq, Sq, D = q.shape
     Hkv, Skv, Dv = k.shape[1], k.shape[2], v.shape[3]
-    do = _last_dim_contiguous(do)
+    do = last_dim_contiguous(do)
     dq = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     dk = torch.empty(B, Skv, Hkv, D, dtype=k.dtype, device=k.device).transpose(1, 2)
     dv = torch.empty(B, Skv, Hkv, Dv, dtype=v.dtype, device=v.device).transpose(1, 2)
@@ -725,14 +620,14 @@ def _flash_bwd(do, dlse, q, k, v, out, lse, *, scale, causal, window, softcap, k
     BLOCK_PRE = 64
     _bwd_preprocess_kernel[(triton.cdiv(Sq, BLOCK_PRE), B * Hq)](
         out, do, dlse, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        Hq, Sq, DV=Dv, DV_PAD=_pad_dim(Dv), HAS_DLSE=dlse is not None, BLOCK_M=BLOCK_PRE,
+        Hq, Sq, DV=Dv, DV_PAD=pad_dim(Dv), HAS_DLSE=dlse is not None, BLOCK_M=BLOCK_PRE,
     )
-    cu_q, cu_k = _seq_args(cu_seqlens_q, cu_seqlens_k)
-    kpm, s_mb = _kpm_arg(key_padding_mask)
+    cu_q, cu_k = cu_seqlens_arg(cu_seqlens_q), cu_seqlens_arg(cu_seqlens_k)
+    kpm, s_mb = key_padding_arg(key_padding_mask)
     n_seq = B if cu_q is None else cu_q.numel() - 1
-    upcast, precision = _dot_flags(q.dtype)
-    qk_scale, sc_in, sc_out = _score_consts(scale, softcap)
-    common = dict(D=D, DV=Dv, D_PAD=_pad_dim(D), DV_PAD=_pad_dim(Dv), CAUSAL=bool(causal),
+    upcast, precision = dot_flags(q.dtype)
+    qk_scale, sc_in, sc_out = score_consts(scale, softcap)
+    common = dict(D=D, DV=Dv, D_PAD=pad_dim(D), DV_PAD=pad_dim(Dv), CAUSAL=bool(causal),
                   HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
                   UPCAST=upcast, PRECISION=precision)
     strides_qkvdo = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -799,19 +694,19 @@ def flash_attention(q, k, v, *, scale=None, causal=False, window=None, softcap=N
     """
     check_attention_inputs(q, k, v, key_padding_mask=key_padding_mask, sinks=sinks, cu_seqlens_q=cu_seqlens_q,
                            cu_seqlens_k=cu_seqlens_k, window=window, softcap=softcap)
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"flash_attention needs q, k, v of one dtype among float16/bfloat16/float32, got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         raise ValueError(f"head_dim {max(q.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM}: use the reference")
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     if cu_seqlens_q is None:
         max_seqlen_q, max_seqlen_k = q.shape[2], k.shape[2]
     else:
         if max_seqlen_q is None:
-            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+            max_seqlen_q = max_seqlen(cu_seqlens_q)
         if max_seqlen_k is None:
-            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+            max_seqlen_k = max_seqlen(cu_seqlens_k)
     options = dict(scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale), causal=bool(causal),
                    window=None if window is None else int(window), softcap=None if softcap is None else float(softcap),
                    key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
