@@ -50,7 +50,10 @@ from ..kernels.linear.reference import (
     linear_attention_recurrent,
     linear_attention_reference,
 )
-from .registry import HFAMask, log_once
+from .backends import BACKENDS, check_backend, use_triton
+from .families import FAMILIES as ALL_FAMILIES
+from .families import converted_model_class
+from .registry import HFAMask
 
 __all__ = ["FEATURE_MAPS", "FAMILIES", "LinearAttention", "LinearAttentionCacheLayer", "linear_model_class",
            "make_feature_map"]
@@ -254,6 +257,8 @@ class LinearAttention(nn.Module):
     attention_mask, cache) -> (out (B, S, C), None), the contract of the modules it replaces.
     """
 
+    HFA_BACKENDS = (*BACKENDS, "chunked")   # "reference": the quadratic PyTorch form; "chunked": the chunked one
+
     def __init__(self, config, layer_idx: int, base: nn.Module | None = None):
         super().__init__()
         opts = config.hfa_linear
@@ -263,7 +268,7 @@ class LinearAttention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.window = int(opts["window"])
         self.eps = float(opts.get("eps", 1e-6))
-        self.backend = "auto"          # "auto" | "triton" | "reference" (quadratic) | "chunked": see `attend`
+        self.backend = check_backend("auto", self.HFA_BACKENDS)   # see `attend`; hfa.patch sets it
         if base is None:
             base = _family_attention(config)(config, layer_idx)
         self.scaling = base.scaling
@@ -312,6 +317,7 @@ class LinearAttention(nn.Module):
         return res if return_state else (res, None)
 
     def _triton_wanted(self, q) -> bool:
+        """Whether the backend rule would try the kernels here (then decoding goes through them too)."""
         return self.backend == "triton" or (self.backend == "auto" and q.is_cuda)
 
     def _decode_step(self, q, k, v, kpm, state):
@@ -329,22 +335,20 @@ class LinearAttention(nn.Module):
         return out, state
 
     def _attend_triton(self, q, k, v, fq, fk, kpm, state, return_state):
-        """The Triton kernels' result, or None where they do not serve this call (see `attend`)."""
-        if not self._triton_wanted(q):
+        """The Triton kernels' result, or None where the backend rule (``attention.backends``) says PyTorch."""
+        def why_not():
+            if self.window:
+                from ..kernels.linear.triton_hybrid import hybrid_unsupported_reason
+                return hybrid_unsupported_reason(q, k, v, fq, fk, initial_state=state, key_padding_mask=kpm)
+            from ..kernels.linear.triton_chunked import linear_triton_unsupported_reason
+            return linear_triton_unsupported_reason(fq, fk, v, initial_state=state)
+
+        if not use_triton(self.backend, q.device, why_not, f"linear-attention layer {self.layer_idx}",
+                          choices=self.HFA_BACKENDS):
             return None
         from ..kernels.linear import triton_chunked as tc
         if self.window:
             from ..kernels.linear import triton_hybrid as th
-            reason = th.hybrid_unsupported_reason(q, k, v, fq, fk, initial_state=state, key_padding_mask=kpm)
-        else:
-            reason = tc.linear_triton_unsupported_reason(fq, fk, v, initial_state=state)
-        if reason is not None:
-            if self.backend == "triton":
-                raise ValueError(f"backend='triton' cannot run linear-attention layer {self.layer_idx}: {reason}; "
-                                 "use backend='auto' to fall back to PyTorch")
-            log_once(f"hf_efficient_attn: the linear-attention Triton kernels cannot serve this call ({reason}); "
-                     "using the PyTorch form")
-            return None
         if self.window:
             return th.hybrid_attention_triton(q, k, v, fq, fk, window=self.window,
                                               window_factor=torch.sigmoid(self.window_factor.float()),
@@ -399,68 +403,42 @@ class LinearAttention(nn.Module):
 
 # -- model classes, one per family ------------------------------------------------------------------------
 
-# model_type -> (config class, causal-LM class, attention class), by name in transformers
-FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", "models.llama.modeling_llama.LlamaAttention"),
-    "mistral": ("MistralConfig", "MistralForCausalLM", "models.mistral.modeling_mistral.MistralAttention"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "models.qwen2.modeling_qwen2.Qwen2Attention"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "models.qwen3.modeling_qwen3.Qwen3Attention"),
-}
-_CLASSES: dict[str, tuple[type, type]] = {}
+# the families linear attention supports: the entries of the one family table that list it
+FAMILIES = {mt: fam for mt, fam in ALL_FAMILIES.items() if "linear" in fam.methods}
 
-
-def _resolve(path: str):
-    import importlib
-    module, name = path.rsplit(".", 1)
-    return getattr(importlib.import_module(f"transformers.{module}"), name)
+# config.hfa_linear: the options of a linear model (family: the original model_type)
+LINEAR_FIELDS = {"hfa_linear": (dict | None, None)}
 
 
 def _family_attention(config):
-    return _resolve(FAMILIES[config.hfa_linear["family"]][2])
+    return FAMILIES[config.hfa_linear["family"]].attention_class()
+
+
+def _validate_linear_config(cfg):
+    opts = getattr(cfg, "hfa_linear", None)
+    if not opts or "feature_map" not in opts or "window" not in opts:
+        raise ValueError(f"a {cfg.model_type} config needs hfa_linear = {{feature_map, window, softmax_layers, ...}}")
+
+
+def _make_attention(config, layer_idx: int, base):
+    keep = set(config.hfa_linear.get("softmax_layers") or [])
+    return None if layer_idx in keep else LinearAttention(config, layer_idx, base=base)
+
+
+def _reset_feature_maps(model) -> None:
+    for layer in model.model.layers:               # post_init's init does not know the feature maps
+        if isinstance(layer.self_attn, LinearAttention):
+            layer.self_attn.reset_linear_parameters()
 
 
 def linear_model_class(family: str) -> tuple[type, type]:
     """(config class, model class) of the linear-attention variant of `family` (a key of FAMILIES), registered
-    with AutoConfig / AutoModelForCausalLM as model_type ``hfa_linear_<family>``."""
-    if family in _CLASSES:
-        return _CLASSES[family]
+    with AutoConfig / AutoModelForCausalLM as model_type ``hfa_linear_<family>`` (``hfa_linear_gemma3`` for
+    gemma3_text)."""
     if family not in FAMILIES:
         raise ValueError(f"linear attention supports the families {', '.join(FAMILIES)}; got {family!r}")
-    import transformers
-    cfg_name, lm_name, _ = FAMILIES[family]
-    base_cfg, base_lm = getattr(transformers, cfg_name), getattr(transformers, lm_name)
-    model_type = f"hfa_linear_{family}"
-
-    def validate(self):
-        base_cfg.validate_architecture(self) if hasattr(base_cfg, "validate_architecture") else None
-        opts = getattr(self, "hfa_linear", None)
-        if not opts or "feature_map" not in opts or "window" not in opts:
-            raise ValueError(f"a {model_type} config needs hfa_linear = {{feature_map, window, softmax_layers, ...}}")
-
-    cfg_cls = type(f"{cfg_name.removesuffix('Config')}LinearConfig", (base_cfg,),
-                   {"model_type": model_type, "hfa_linear": None, "validate_architecture": validate,
-                    "__doc__": f"A {cfg_name} plus ``hfa_linear``: the linear-attention options."})
-
-    def __init__(self, config):
-        base_lm.__init__(self, config)
-        keep = set(config.hfa_linear.get("softmax_layers") or [])
-        for i, layer in enumerate(self.model.layers):
-            if i not in keep:
-                layer.self_attn = LinearAttention(config, i, base=layer.self_attn)
-        self.post_init()
-        for layer in self.model.layers:               # post_init's init does not know the feature maps
-            if isinstance(layer.self_attn, LinearAttention):
-                layer.self_attn.reset_linear_parameters()
-
-    lm_cls = type(f"{lm_name.removesuffix('ForCausalLM')}LinearForCausalLM", (base_lm,),
-                  {"config_class": cfg_cls, "__init__": __init__,
-                   "__doc__": f"A {lm_name} whose attention layers (all but hfa_linear['softmax_layers']) are "
-                              "LinearAttention."})
-    cfg_cls.__module__ = lm_cls.__module__ = __name__
-    AutoConfig.register(model_type, cfg_cls, exist_ok=True)
-    AutoModelForCausalLM.register(cfg_cls, lm_cls, exist_ok=True)
-    _CLASSES[family] = (cfg_cls, lm_cls)
-    return cfg_cls, lm_cls
+    return converted_model_class(FAMILIES[family], "linear", fields=LINEAR_FIELDS, make_attention=_make_attention,
+                                 validate=_validate_linear_config, after_init=_reset_feature_maps, module=__name__)
 
 
 for _family in FAMILIES:                # register every family now, so hfa.load finds any saved checkpoint

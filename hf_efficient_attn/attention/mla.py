@@ -51,54 +51,29 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
-                          LlamaForCausalLM)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
 
 from ..kernels.mla import absorb_query, expand_latent_output, latent_attention_reference
+from .backends import BACKENDS, triton_can_run, use_triton
+from .families import FAMILIES, converted_model_class, layer_window
 from .registry import HFAMask
 
 __all__ = ["DECODE_MODES", "Gemma3MLAAttention", "Gemma3MLAConfig", "Gemma3MLAForCausalLM", "LlamaMLAConfig",
-           "LlamaMLAForCausalLM", "MLAAttention", "latent_cache"]
+           "LlamaMLAForCausalLM", "MLAAttention", "MLA_FIELDS", "QKNormMLAAttention", "Qwen3MLAConfig",
+           "Qwen3MLAForCausalLM", "latent_cache", "mla_model_class"]
 
 DECODE_MODES = ("absorbed", "expanded")
 
-
-class LlamaMLAConfig(LlamaConfig):
-    """A Llama config plus the MLA shape. ``mla_rope_frequencies[i]``: the P = d_r / 2 RoPE frequency indices
-    (into the model's inv_freq, 0 .. rotary_dim / 2 - 1; repeats allowed) of layer i's RoPE planes."""
-
-    model_type = "hfa_mla_llama"
-    kv_lora_rank: int = 0
-    mla_rope_dim: int = 0
-    mla_rope_frequencies: list | None = None
-    mla_scaling: float | None = None
-
-    def validate_architecture(self):
-        super().validate_architecture()
-        _validate_mla_shape(self)
+# the MLA shape every MLA config adds to its family's config. mla_rope_frequencies[i]: the P = d_r / 2 RoPE
+# frequency indices of layer i's planes (into that layer's own inv_freq, 0 .. rotary_dim / 2 - 1; repeats allowed)
+MLA_FIELDS = {"kv_lora_rank": (int, 0), "mla_rope_dim": (int, 0), "mla_rope_frequencies": (list | None, None),
+              "mla_scaling": (float | None, None)}
 
 
-class Gemma3MLAConfig(Gemma3TextConfig):
-    """A Gemma 3 text config plus the MLA shape (the fields of `LlamaMLAConfig`). ``mla_rope_frequencies[i]``
-    index layer i's own RoPE (local theta on sliding layers, global on full ones)."""
-
-    model_type = "hfa_mla_gemma3"
-    kv_lora_rank: int = 0
-    mla_rope_dim: int = 0
-    mla_rope_frequencies: list | None = None
-    mla_scaling: float | None = None
-
-    def validate_architecture(self):
-        super().validate_architecture()
-        _validate_mla_shape(self)
-        if self.attn_logit_softcapping is not None or self.use_bidirectional_attention:
-            raise ValueError("Gemma3 MLA supports causal attention without attn_logit_softcapping only")
-
-
-def _validate_mla_shape(cfg):
+def _validate_mla_config(cfg):
+    if getattr(cfg, "attn_logit_softcapping", None) is not None or getattr(cfg, "use_bidirectional_attention", False):
+        raise ValueError("MLA supports causal attention without attn_logit_softcapping only")
     if cfg.kv_lora_rank < 1 or cfg.mla_rope_dim < 2 or cfg.mla_rope_dim % 2:
         raise ValueError(f"an MLA config needs kv_lora_rank >= 1 and an even mla_rope_dim >= 2, got "
                          f"{cfg.kv_lora_rank}, {cfg.mla_rope_dim}")
@@ -134,7 +109,9 @@ class MLAAttention(nn.Module):
     cache) -> (out (B, S, C), None).
     """
 
-    def __init__(self, config: LlamaMLAConfig, layer_idx: int):
+    HFA_BACKENDS = BACKENDS    # `backend`: the absorbed decode's (see attention.backends); hfa.patch sets it
+
+    def __init__(self, config, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -148,10 +125,10 @@ class MLAAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         self.decode_mode = "absorbed"       # or "expanded": up-project the cache (for tests and comparisons)
-        self.decode_backend = "auto"        # "auto": Triton for one new token on CUDA; "triton"; "reference"
+        self.backend = "auto"               # "auto": Triton for one new token on CUDA; "triton"; "reference"
         if config.attention_bias:
             raise ValueError("MLA attention does not support q/k/v/o biases (attention_bias=True)")
-        self.sliding_window = None          # a window (tokens) for the attention implementation, or None
+        self.sliding_window = layer_window(config, layer_idx)   # passed to the attention implementation
         c, hq, hkv, d, r, dr = (config.hidden_size, self.num_heads, self.num_groups, self.head_dim,
                                 self.kv_lora_rank, self.rope_dim)
         latent_in, rope_in = self.kv_input_dims()
@@ -256,8 +233,8 @@ class MLAAttention(nn.Module):
         q_lat = absorb_query(q, w_uk)                                                # (B, Hq, S, r)
         mask, causal = _bool_mask(attention_mask, q.shape[2], latent.shape[1])
         out_lat = None
-        use_triton = self.decode_backend == "triton" or (self.decode_backend == "auto" and q.is_cuda)
-        if use_triton and q.shape[2] == 1 and not torch.is_grad_enabled() and (mask is None or mask.shape[1] == 1):
+        if use_triton(self.backend, q.device, lambda: self._triton_reason(q, mask),
+                      f"MLA decode in layer {self.layer_idx}"):
             from ..kernels.mla.triton_decode import mla_decode
             kpm = None if mask is None else mask[:, 0, 0, :].expand(latent.shape[0], -1)
             out_lat, _ = mla_decode(q_lat, q_rope, latent, k_rope, scale=self.scaling, key_padding_mask=kpm)
@@ -266,23 +243,30 @@ class MLAAttention(nn.Module):
                                                     causal=causal, attn_mask=mask)
         return expand_latent_output(out_lat, w_uv)
 
+    def _triton_reason(self, q, mask) -> str | None:
+        """None when the Triton MLA decode kernel serves this call (one new token, no grad, a per-key mask)."""
+        if q.shape[2] != 1:
+            return f"{q.shape[2]} new tokens (the kernel decodes one)"
+        if torch.is_grad_enabled():
+            return "gradients (the kernel is forward-only)"
+        if mask is not None and mask.shape[1] != 1:
+            return "a per-head mask"
+        return triton_can_run(q.device)
 
-class LlamaMLAForCausalLM(LlamaForCausalLM):
-    """A Llama causal LM whose every attention layer is `MLAAttention` (checkpoint model_type "hfa_mla_llama")."""
+    @property
+    def decode_backend(self) -> str:   # the attribute's name before every module had one `backend`
+        return self.backend
 
-    config_class = LlamaMLAConfig
-
-    def __init__(self, config: LlamaMLAConfig):
-        super().__init__(config)
-        for i, layer in enumerate(self.model.layers):
-            layer.self_attn = MLAAttention(config, i)
-        self.post_init()
+    @decode_backend.setter
+    def decode_backend(self, value: str) -> None:
+        self.backend = value
 
 
-class Gemma3MLAAttention(MLAAttention):
-    """MLA replacing a Gemma 3 attention layer: `MLAAttention` with Gemma's per-head RMS norms kept where they were.
+class QKNormMLAAttention(MLAAttention):
+    """MLA replacing the attention layer of a qk-norm family (Gemma 3, Qwen3): `MLAAttention` with the family's
+    per-head RMS norms kept where they were (`Gemma3MLAAttention` is this class).
 
-    q_norm acts on the queries before anything else, as in Gemma (q_h = q_norm(q_proj(x)_h)). k_norm is not
+    q_norm acts on the queries before anything else, as in the original (q_h = q_norm(q_proj(x)_h)). k_norm is not
     linear in x, so the latent is a linear map of the NORMED keys and the values, not of x:
         k_n     = k_norm(k_proj(x) per KV head)                  (Hkv D,)  computed for new tokens only
         latent  = kv_a_proj([k_n ; v_proj(x)])                   (r,)      cached
@@ -293,15 +277,14 @@ class Gemma3MLAAttention(MLAAttention):
     the attention implementation; the model's DynamicCache keeps their last window - 1 latents only.
     """
 
-    def __init__(self, config: Gemma3MLAConfig, layer_idx: int):
+    def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
         c, hkv, d = config.hidden_size, self.num_groups, self.head_dim
+        family = FAMILIES[config.hfa_family]
         self.k_proj = nn.Linear(c, hkv * d, bias=False)
         self.v_proj = nn.Linear(c, hkv * d, bias=False)
-        self.q_norm = Gemma3RMSNorm(dim=d, eps=config.rms_norm_eps)
-        self.k_norm = Gemma3RMSNorm(dim=d, eps=config.rms_norm_eps)
-        if config.layer_types[layer_idx] == "sliding_attention":
-            self.sliding_window = config.sliding_window
+        self.q_norm = family.make_norm(d, eps=config.rms_norm_eps)
+        self.k_norm = family.make_norm(d, eps=config.rms_norm_eps)
 
     def kv_input_dims(self) -> tuple[int, int]:
         """kv_a_proj reads [k_n ; v] (2 Hkv D), k_rope_proj reads k_n (Hkv D)."""
@@ -324,18 +307,25 @@ class Gemma3MLAAttention(MLAAttention):
         return latent, k_rope
 
 
-class Gemma3MLAForCausalLM(Gemma3ForCausalLM):
-    """A Gemma 3 causal LM whose every attention layer is `Gemma3MLAAttention` (model_type "hfa_mla_gemma3")."""
-
-    config_class = Gemma3MLAConfig
-
-    def __init__(self, config: Gemma3MLAConfig):
-        super().__init__(config)
-        for i, layer in enumerate(self.model.layers):
-            layer.self_attn = Gemma3MLAAttention(config, i)
-        self.post_init()
+Gemma3MLAAttention = QKNormMLAAttention
 
 
-for _config, _model in ((LlamaMLAConfig, LlamaMLAForCausalLM), (Gemma3MLAConfig, Gemma3MLAForCausalLM)):
-    AutoConfig.register(_config.model_type, _config, exist_ok=True)
-    AutoModelForCausalLM.register(_config, _model, exist_ok=True)
+def _make_attention(config, layer_idx: int, base) -> MLAAttention:
+    return (QKNormMLAAttention if FAMILIES[config.hfa_family].qk_norm else MLAAttention)(config, layer_idx)
+
+
+def mla_model_class(model_type: str) -> tuple[type, type]:
+    """(config class, causal-LM class) of the MLA variant of family `model_type` (a key of `FAMILIES` whose entry
+    lists "mla"): model_type ``hfa_mla_<family>``, registered with the Auto classes."""
+    family = FAMILIES.get(model_type)
+    if family is None or "mla" not in family.methods:
+        raise ValueError(f"MLA supports the families {', '.join(f for f, e in FAMILIES.items() if 'mla' in e.methods)}; "
+                         f"got {model_type!r}")
+    return converted_model_class(family, "mla", fields=MLA_FIELDS, make_attention=_make_attention,
+                                 validate=_validate_mla_config, module=__name__)
+
+
+# every MLA family's classes exist (and are registered) once this module is imported, so hfa.load finds them
+LlamaMLAConfig, LlamaMLAForCausalLM = mla_model_class("llama")
+Gemma3MLAConfig, Gemma3MLAForCausalLM = mla_model_class("gemma3_text")
+Qwen3MLAConfig, Qwen3MLAForCausalLM = mla_model_class("qwen3")

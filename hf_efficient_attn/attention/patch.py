@@ -6,9 +6,16 @@ import contextlib
 
 import torch
 
-from .registry import BACKEND_OF_IMPL, BACKENDS, IMPL_NAMES, _triton_can_run
+from .backends import BACKENDS, triton_can_run
+from .registry import BACKEND_OF_IMPL, IMPL_NAMES
 
 _SAVED_ATTR = "_hfa_saved_attn_implementation"
+_SAVED_BACKENDS = "_hfa_saved_module_backends"
+
+
+def _converted_modules(model):
+    """The converted attention modules (MLA, linear, ...) of a model: they carry their own ``backend``."""
+    return [(name, m) for name, m in model.named_modules() if getattr(type(m), "HFA_BACKENDS", None)]
 
 
 def _check_model(model):
@@ -61,7 +68,7 @@ def patch(model, backend: str = "auto"):
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     _check_model(model)
     if backend == "triton":
-        reason = _triton_can_run(_model_device(model))
+        reason = triton_can_run(_model_device(model))
         if reason is not None:
             raise ValueError(f"backend='triton' cannot run here: {reason}. Move the model to a GPU "
                              f"(model.cuda()), or use backend='auto' or 'reference'.")
@@ -71,10 +78,13 @@ def patch(model, backend: str = "auto"):
             raise ImportError("backend='triton' needs the triton package: pip install triton") from e
     if not is_patched(model):
         model.__dict__[_SAVED_ATTR] = _current_implementations(model.config)
+        model.__dict__[_SAVED_BACKENDS] = {name: m.backend for name, m in _converted_modules(model)}
     model.set_attn_implementation(IMPL_NAMES[backend])
     if model.config._attn_implementation != IMPL_NAMES[backend]:  # set_attn_implementation only warns
         raise ValueError(f"transformers refused attn_implementation={IMPL_NAMES[backend]!r} for "
                          f"{type(model).__name__}; the model is left unchanged")
+    for _, m in _converted_modules(model):   # one backend rule: converted modules follow the same choice
+        m.backend = backend
     return model
 
 
@@ -90,7 +100,14 @@ def unpatch(model):
                              "previous one to restore; use model.set_attn_implementation('sdpa') instead")
         return model
     model.set_attn_implementation(saved)
+    _restore_backends(model, model.__dict__.pop(_SAVED_BACKENDS, {}))
     return model
+
+
+def _restore_backends(model, saved: dict) -> None:
+    for name, m in _converted_modules(model):
+        if name in saved:
+            m.backend = saved[name]
 
 
 @contextlib.contextmanager
@@ -98,11 +115,13 @@ def patched(model, backend: str = "auto"):
     """Context manager: the model is patched inside the block and restored after it, even on error."""
     was_patched = is_patched(model)
     before = model.config._attn_implementation
+    backends_before = {name: m.backend for name, m in _converted_modules(model)}
     patch(model, backend=backend)
     try:
         yield model
     finally:
         if was_patched:
             model.set_attn_implementation(before)
+            _restore_backends(model, backends_before)
         else:
             unpatch(model)

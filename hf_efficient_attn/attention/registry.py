@@ -28,8 +28,6 @@ for that call (logged once) and "reference"/"triton" raise naming the kwarg. Nev
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 
 import torch
@@ -38,21 +36,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask, sdpa_mask
 
 from ..kernels.softmax import dense_attention_mask, softmax_attention_reference
+from .backends import BACKENDS, _logged_once, log_once, logger, triton_can_run, use_triton  # noqa: F401
 
-logger = logging.getLogger("hf_efficient_attn")
-
-BACKENDS = ("auto", "triton", "reference")
 IMPL_NAMES = {"auto": "hfa", "reference": "hfa_reference", "triton": "hfa_triton"}
 BACKEND_OF_IMPL = {v: k for k, v in IMPL_NAMES.items()}
-
-_logged_once: set[str] = set()
-
-
-def log_once(message: str) -> None:
-    """Log a fallback once per distinct message, not once per layer and call."""
-    if message not in _logged_once:
-        _logged_once.add(message)
-        logger.warning(message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,18 +254,8 @@ def hfa_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_func
 # attention functions
 # ---------------------------------------------------------------------------------------------
 
-def _triton_can_run(device: torch.device) -> str | None:
-    """None when Triton kernels can run on tensors of this device; else the reason."""
-    if device.type == "cuda":
-        return None
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    return (f"Triton kernels need a CUDA GPU or the interpreter (TRITON_INTERPRET=1 set before "
-            f"importing triton); the tensors are on {device.type}")
-
-
 def _triton_reason(q, k, v, opts) -> str | None:
-    reason = _triton_can_run(q.device)
+    reason = triton_can_run(q.device)
     if reason is not None:
         return reason
     try:
@@ -328,21 +305,9 @@ def softmax_attention(q, k, v, *, backend="auto", **opts):
     """
     if backend == "reference":
         return softmax_attention_reference(q, k, v, **opts)[0]
-    if backend == "triton":
-        reason = _triton_reason(q, k, v, opts)
-        if reason is not None:
-            raise ValueError(f"backend='triton' cannot run this attention call: {reason}. "
-                             f"Use backend='auto' to fall back to an exact path, or backend='reference'.")
+    if use_triton(backend, q.device, lambda: _triton_reason(q, k, v, opts), "this attention call"):
         from ..kernels.softmax.triton_dispatch import triton_softmax_attention
         return triton_softmax_attention(q, k, v, **opts)[0]
-    if backend != "auto":
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if q.device.type == "cuda":
-        reason = _triton_reason(q, k, v, opts)
-        if reason is None:
-            from ..kernels.softmax.triton_dispatch import triton_softmax_attention
-            return triton_softmax_attention(q, k, v, **opts)[0]
-        log_once(f"hf_efficient_attn: Triton cannot serve this call ({reason}); using an exact fallback")
     reason = _sdpa_reason(opts)
     if reason is None:
         return _sdpa_attention(q, k, v, **opts)
