@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import collections.abc
 import inspect
-import json
 import os
 import sys
 import tempfile

@@ -3,7 +3,6 @@
 import importlib
 import importlib.util
 import json
-import types
 
 import pytest
 import torch
