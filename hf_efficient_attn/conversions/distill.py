@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from tqdm.auto import tqdm
 
 from ..errors import HFAError, NonFiniteError
 from .io import check_finite, token_blocks
+from .toolkit import atomic_write, with_provenance
 
 __all__ = ["DistillResult", "RESERVED_STAGES", "STAGES", "Stage", "TRAINABLE", "attention_linear_names", "distill",
            "logits_loss", "lr_factor", "register_stage"]
@@ -205,10 +205,7 @@ def _block_order(num_blocks: int, needed: int, seed: int) -> torch.Tensor:
 # -- checkpoints ---------------------------------------------------------------------------------------
 
 def _save_state(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)        # atomic: a crash leaves the previous checkpoint intact
+    atomic_write(path, lambda tmp: torch.save(state, tmp))   # a crash leaves the previous checkpoint intact
 
 
 def _check_fingerprint(saved: dict, now: dict, path: Path) -> None:
@@ -389,8 +386,8 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
         student.train(was_training)
         accelerator.free_memory()
 
-    student.hfa_conversions = [*getattr(student, "hfa_conversions", []), {
+    with_provenance(student, student, {
         "distill": stage, "tokens": steps * tokens_per_step, "trainable": kind, "lr": lr, "seq_len": seq_len,
         "batch_size": batch_size, "processes": world, "kl_weight": kl_weight, "ce_weight": ce_weight,
-        "temperature": temperature, "bf16": use_bf16, "seed": seed}]
+        "temperature": temperature, "bf16": use_bf16, "seed": seed})
     return DistillResult(student, losses, steps * tokens_per_step, steps, seconds, start)

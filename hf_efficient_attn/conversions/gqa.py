@@ -49,6 +49,7 @@ from torch import nn
 
 from ..errors import HFAError, OptionError
 from .io import token_blocks
+from .toolkit import calibration_forward, provenance_record, with_provenance
 
 __all__ = [
     "FAMILIES", "Family", "HeadWeights", "LayerPlan", "METHODS", "RotationSpace", "attention_layers", "convert_gqa",
@@ -202,9 +203,7 @@ def transform_heads(model, surgery, num_kv_heads: int, record: dict | None = Non
             f"layer {i}: surgery returned {w.q_w.shape[0]} query / {w.num_kv_heads} KV heads"
         write_heads(attn, family, w)
     new.config.num_key_value_heads = num_kv_heads
-    if record is not None:
-        new.hfa_conversions = [*getattr(model, "hfa_conversions", []), record]
-    return new
+    return new if record is None else with_provenance(new, model, record)
 
 
 # -- exact operations on HeadWeights ------------------------------------------------------------------
@@ -386,34 +385,23 @@ def kv_second_moments(model, input_ids: torch.Tensor, batch_size: int = 4, progr
         stats[layer][which] += (x.T @ x).cpu()
 
     def hook(layer, which):
-        return lambda mod, args, out: accumulate(layer, which, out)
+        return lambda mod, args, kwargs, out: accumulate(layer, which, out)
 
     def fused_hook(layer):
-        def fn(mod, args, out):
+        def fn(mod, args, kwargs, out):
             hq_d = out.shape[-1] - 2 * hkv * d
             accumulate(layer, 0, out[..., hq_d: hq_d + hkv * d])
             accumulate(layer, 1, out[..., hq_d + hkv * d:])
         return fn
 
-    handles = []
-    try:
-        for i, attn in enumerate(attention_layers(model)):
-            if family.qkv == "fused":
-                handles.append(attn.qkv_proj.register_forward_hook(fused_hook(i)))
-            else:
-                key_src = attn.k_norm if family.qk_norm else attn.k_proj
-                handles.append(key_src.register_forward_hook(hook(i, 0)))
-                handles.append(attn.v_proj.register_forward_hook(hook(i, 1)))
-        device = next(model.parameters()).device
-        batches = input_ids.split(batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-            batches = tqdm(batches, desc="calibration", unit="batch")
-        for ids in batches:
-            model(input_ids=ids.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = []
+    for i, attn in enumerate(attention_layers(model)):
+        if family.qkv == "fused":
+            hooks.append((attn.qkv_proj, fused_hook(i)))
+        else:
+            key_src = attn.k_norm if family.qk_norm else attn.k_proj
+            hooks += [(key_src, hook(i, 0)), (attn.v_proj, hook(i, 1))]
+    calibration_forward(model, input_ids, hooks, batch_size, progress)
     return [tuple(s) for s in stats]
 
 
@@ -641,12 +629,9 @@ def convert_gqa(model, num_kv_heads: int, method: str = "pca", calibration=None,
     if method not in METHODS:
         raise ValueError(f"unknown GQA method {method!r}; the methods are: {', '.join(METHODS)}")
     hq, hkv, d = _heads(model)
-    record = {"conversion": "gqa", "method": method, "num_kv_heads": [hkv, num_kv_heads],
-              "source": getattr(model, "name_or_path", None) or None}
+    record = provenance_record("gqa", model, method=method, num_kv_heads=[hkv, num_kv_heads])
     if num_kv_heads == hkv:
-        new = copy.deepcopy(model)
-        new.hfa_conversions = [*getattr(model, "hfa_conversions", []), {**record, "identity": True}]
-        return new
+        return with_provenance(copy.deepcopy(model), model, {**record, "identity": True})
     if method == "mean":
         return transform_heads(model, lambda i, w: pool_kv_heads(w, num_kv_heads), num_kv_heads, record)
 
@@ -654,12 +639,7 @@ def convert_gqa(model, num_kv_heads: int, method: str = "pca", calibration=None,
         raise ValueError(f"method={method!r} chooses groups and merges from calibration activations: pass "
                          "calibration=<text> and tokenizer=<its tokenizer> (or token ids), or use method='mean'")
     ids = token_blocks(tokenizer, calibration, seq_len, calibration_tokens)
-    was_training = model.training
-    model.eval()
-    try:
-        moments = kv_second_moments(model, ids, batch_size, progress)
-    finally:
-        model.train(was_training)
+    moments = kv_second_moments(model, ids, batch_size, progress)
     key_norm = family_of(model).qk_norm
     plans = [plan_layer(mk, mv, num_kv_heads, key_rotation_space(model, i), method, sweeps, key_norm)
              for i, (mk, mv) in enumerate(moments)]
@@ -692,6 +672,5 @@ def expand_kv_heads(model, num_kv_heads: int):
     if not isinstance(num_kv_heads, int) or num_kv_heads % hkv or hq % num_kv_heads or num_kv_heads < hkv:
         raise ValueError(f"num_kv_heads={num_kv_heads!r} must be a multiple of the {hkv} KV heads that divides "
                          f"the {hq} query heads")
-    record = {"conversion": "expand_kv_heads", "num_kv_heads": [hkv, num_kv_heads],
-              "source": getattr(model, "name_or_path", None) or None}
+    record = provenance_record("expand_kv_heads", model, num_kv_heads=[hkv, num_kv_heads])
     return transform_heads(model, lambda i, w: repeat_kv_heads(w, num_kv_heads), num_kv_heads, record)

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch
 
 from ..errors import (CheckpointError, CheckpointWriteError, HFAError, MissingFileError, NonFiniteError, OptionError,
                       OverwriteRefusedError)
+from .toolkit import DOCUMENT_SEPARATOR, atomic_write, tokenizer_adds_bos
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ __all__ = ["BUFFERS_FILE", "RECORD_FILE", "check_finite", "check_target", "first
            "load", "save", "text_documents", "token_blocks", "tokenizer_adds_bos", "verify_checkpoint"]
 
 RECORD_FILE = "hfa.json"
-DOCUMENT_SEPARATOR = "\n\n"  # the evaluation layer's convention, so calibration and eval streams agree
 
 
 # -- text ---------------------------------------------------------------------------------------------
@@ -88,16 +87,6 @@ def text_documents(data) -> list[str]:
     if not any(d.strip() for d in docs):
         raise HFAError("the text is empty (or only whitespace)")
     return docs
-
-
-def tokenizer_adds_bos(tokenizer) -> bool:
-    """Whether ``tokenizer(text)`` prepends its BOS token by default (checked, not read from a flag)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return len(with_special) > 0 and with_special[0] == bos and (not without or without[0] != bos)
 
 
 def token_blocks(tokenizer, data, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
@@ -385,8 +374,8 @@ def save(model, path, tokenizer=None, *, overwrite: bool = False, allow_non_fini
             raise
         raise CheckpointWriteError(f"could not write the checkpoint {target}: {e.strerror or e}") from e
     existed = target.exists()
-    tmp, old = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"), None
-    try:
+
+    def write(tmp: Path) -> None:
         tmp.mkdir()
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -405,31 +394,16 @@ def save(model, path, tokenizer=None, *, overwrite: bool = False, allow_non_fini
                   "conversions": getattr(model, "hfa_conversions", []),
                   "files": _file_records(tmp)}
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        os.chmod(tmp, 0o777 & ~_umask())  # give it a normal folder's permissions
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.rename(target, old)
-        os.rename(tmp, target)
-    except BaseException as e:
-        if old is not None and not target.exists():
-            os.rename(old, target)
-            old = None
-        if isinstance(e, OSError) and not isinstance(e, HFAError):
-            kept = "; the checkpoint that was there is unchanged" if existed else ""
-            raise CheckpointWriteError(f"could not write the checkpoint {target}: {e.strerror or e} (nothing was "
-                                       f"written{kept})") from e
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+
+    try:
+        atomic_write(target, write)
+    except OSError as e:
+        if isinstance(e, HFAError):
+            raise
+        kept = "; the checkpoint that was there is unchanged" if existed else ""
+        raise CheckpointWriteError(f"could not write the checkpoint {target}: {e.strerror or e} (nothing was "
+                                   f"written{kept})") from e
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def verify_checkpoint(path) -> None:

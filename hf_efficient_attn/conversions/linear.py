@@ -25,8 +25,11 @@ import torch
 from ..attention.linear import FAMILIES, FEATURE_MAPS, LinearAttention, linear_model_class
 from .convert import register_conversion
 from .distill import DEFAULT_LR, TRAINABLE, Stage, _modules_named, register_stage
+from .toolkit import calibration_forward, config_fields, provenance_record, rebuild
 
-__all__ = ["attention_transfer_loss", "convert_linear", "linear_layers"]
+__all__ = ["LINEAR_NEW_MODULES", "attention_transfer_loss", "convert_linear", "linear_layers"]
+
+LINEAR_NEW_MODULES = ("feature_map_q", "feature_map_k", "window_factor")   # what the conversion adds per layer
 
 
 def convert_linear(model, feature_map: str = "hedgehog", window: int = 64, layers: list[int] | None = None,
@@ -57,10 +60,9 @@ def convert_linear(model, feature_map: str = "hedgehog", window: int = 64, layer
         raise ValueError(f"layers={layers!r}: layer indices to keep as softmax must lie in 0 .. {n - 1}; bad: {bad}")
     if len(keep) == n:
         raise ValueError(f"layers={layers!r} keeps all {n} layers softmax: nothing to convert")
-    cfg = model.config
     opts = {"family": family, "feature_map": feature_map, "window": window, "feature_dim": feature_dim, "eps": eps,
             "softmax_layers": keep}
-    base = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
+    base = config_fields(model)
     if base.get("sliding_window") is not None or base.get("use_sliding_window"):
         # the model's masks must mark padding only: a sliding-window mask would hide the keys the linear part reads
         opts["original_sliding_window"] = base.get("sliding_window")
@@ -68,21 +70,9 @@ def convert_linear(model, feature_map: str = "hedgehog", window: int = 64, layer
         if base.get("layer_types"):
             base["layer_types"] = ["full_attention"] * n
     cfg_cls, lm_cls = linear_model_class(family)
-    new_cfg = cfg_cls(**base, hfa_linear=opts, architectures=[lm_cls.__name__])
-    new_cfg._attn_implementation = cfg._attn_implementation
-    param = next(model.parameters())
-    new = lm_cls(new_cfg).to(dtype=param.dtype, device=param.device)
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected, f"unexpected weights {unexpected[:5]}"
-    new_params = ("feature_map_q", "feature_map_k", "window_factor")
-    assert all(any(p in k for p in new_params) or (k.startswith("lm_head") and cfg.tie_word_embeddings)
-               for k in missing), [k for k in missing if not any(p in k for p in new_params)][:5]
-    new.train(model.training)
-    record = {"conversion": "linear", **{k: v for k, v in opts.items() if k != "family"},
-              "source": getattr(model, "name_or_path", None) or None}
-    new.hfa_conversions = [*getattr(model, "hfa_conversions", []), record]
-    new.name_or_path = getattr(model, "name_or_path", "")
-    return new
+    record = provenance_record("linear", model, **{k: v for k, v in opts.items() if k != "family"})
+    return rebuild(model, cfg_cls, lm_cls, {**base, "hfa_linear": opts}, model.state_dict(), record,
+                   new_weights=LINEAR_NEW_MODULES)
 
 
 def linear_layers(model) -> dict[int, LinearAttention]:
@@ -110,13 +100,9 @@ def attention_transfer_loss(student, teacher, input_ids, **_):
             captured[i] = (h.detach(), tuple(t.detach() for t in kwargs["position_embeddings"]), output[0].detach())
         return hook
 
-    handles = [teachers[i].self_attn.register_forward_hook(capture(i), with_kwargs=True) for i in students]
-    try:
-        with torch.no_grad():                  # only the layers' inputs/outputs matter: skip most of the vocab head
-            teacher(input_ids=input_ids, use_cache=False, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
+    # one forward of the whole batch; only the layers' inputs and outputs matter
+    calibration_forward(teacher, input_ids, [(teachers[i].self_attn, capture(i)) for i in students],
+                        batch_size=len(input_ids))
     errors = []
     for i, attn in students.items():
         h, pe, want = captured[i]
@@ -133,7 +119,7 @@ def _check_linear_student(student) -> None:
                          f"has none (it keeps softmax attention). Heal it with stage='logits'")
 
 
-TRAINABLE["feature_maps"] = _modules_named("feature_map_q", "feature_map_k", "window_factor")
+TRAINABLE["feature_maps"] = _modules_named(*LINEAR_NEW_MODULES)
 DEFAULT_LR["feature_maps"] = 3e-2
 register_stage(Stage("attention", attention_transfer_loss,
                      "per-layer attention-output MSE to the teacher, each layer on the teacher's own inputs",

@@ -46,18 +46,17 @@ Sigma_u is what the weights imply for isotropic x with each norm at its expected
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
 from ..attention.mla import Gemma3MLAConfig, Gemma3MLAForCausalLM, LlamaMLAConfig, LlamaMLAForCausalLM
 from .convert import register_conversion
 from .distill import DEFAULT_LR, TRAINABLE
 from .gqa import attention_layers, rotary_dim
 from .io import token_blocks
+from .toolkit import calibration_forward, config_fields, provenance_record, rebuild
 
 __all__ = ["METHODS", "MLA_TRAINABLE", "SUPPORTED", "Family", "LayerMLA", "attention_metric", "convert_mla",
            "expected_rotation", "feature_second_moments", "rotation_weight", "input_second_moments", "mla_layer", "mla_ranks",
@@ -128,26 +127,6 @@ def _check_ranks(model, kv_lora_rank, rope_dim):
 
 # -- calibration --------------------------------------------------------------------------------------
 
-def _calibrate(model, input_ids: torch.Tensor, batch_size: int, progress: bool, handles) -> None:
-    """Run `model` over `input_ids` (n, L) in batches with the hooks `handles` attached, then remove them."""
-    was_training = model.training
-    model.eval()
-    # only the attention inputs matter: skip the (tokens, vocab) logits (2 GB a batch for Gemma's 262k vocabulary)
-    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    try:
-        device = next(model.parameters()).device
-        batches = input_ids.split(batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-            batches = tqdm(batches, desc="calibration", unit="batch")
-        for ids in batches:
-            model(input_ids=ids.to(device), use_cache=False, **kwargs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-
-
 @torch.no_grad()
 def input_second_moments(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = False):
     """Per attention layer, Sigma = X^T X / N (C, C) float64 of its input hidden states on `input_ids` (n, L)."""
@@ -157,15 +136,14 @@ def input_second_moments(model, input_ids: torch.Tensor, batch_size: int = 4, pr
     count = [0]
 
     def hook(i):
-        def fn(mod, args, kwargs):
+        def fn(mod, args, kwargs, out):
             x = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach().reshape(-1, c).double()
             sums[i] += (x.T @ x).cpu()
             if i == 0:
                 count[0] += x.shape[0]
         return fn
 
-    handles = [attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, attn in enumerate(layers)]
-    _calibrate(model, input_ids, batch_size, progress, handles)
+    calibration_forward(model, input_ids, [(attn, hook(i)) for i, attn in enumerate(layers)], batch_size, progress)
     return [s / max(count[0], 1) for s in sums]
 
 
@@ -180,18 +158,18 @@ def feature_second_moments(model, input_ids: torch.Tensor, batch_size: int = 4, 
     values, count = {}, [0]
 
     def on_v(i):
-        def fn(mod, args, out):
+        def fn(mod, args, kwargs, out):
             values[i] = out.detach().reshape(-1, out.shape[-1])                  # (B S, Hkv D)
         return fn
 
     def on_q(i):
-        def fn(mod, args, out):                                               # (B, Hq, S, D)
+        def fn(mod, args, kwargs, out):                                               # (B, Hq, S, D)
             q = out.detach().double()
             sums_q[i] = sums_q[i] + torch.einsum("bhsd,bhse->hde", q, q).cpu()
         return fn
 
     def on_k(i):
-        def fn(mod, args, out):                                               # (B, Hkv, S, D)
+        def fn(mod, args, kwargs, out):                                               # (B, Hkv, S, D)
             k = out.detach().transpose(1, 2).reshape(-1, out.shape[1] * out.shape[-1])
             u = torch.cat([k, values.pop(i)], dim=-1).double()
             sums_kv[i] = sums_kv[i] + (u.T @ u).cpu()
@@ -199,11 +177,10 @@ def feature_second_moments(model, input_ids: torch.Tensor, batch_size: int = 4, 
                 count[0] += u.shape[0]
         return fn
 
-    handles = []
+    hooks = []
     for i, attn in enumerate(layers):
-        handles += [attn.v_proj.register_forward_hook(on_v(i)), attn.q_norm.register_forward_hook(on_q(i)),
-                    attn.k_norm.register_forward_hook(on_k(i))]
-    _calibrate(model, input_ids, batch_size, progress, handles)
+        hooks += [(attn.v_proj, on_v(i)), (attn.q_norm, on_q(i)), (attn.k_norm, on_k(i))]
+    calibration_forward(model, input_ids, hooks, batch_size, progress)
     n = max(count[0], 1)
     return [(q / n, kv / n) for q, kv in zip(sums_q, sums_kv)]
 
@@ -441,10 +418,9 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "attentio
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     layers = attention_layers(model)
     d, rot = layers[0].head_dim, rotary_dim(model)
-    record = {"conversion": "mla", "method": method, "kv_lora_rank": kv_lora_rank, "rope_dim": rope_dim,
-              "dropped_rope": dropped_rope, "rope_ranking": rope_ranking,
-              "kv_values_per_token_layer": [2 * hkv * d, kv_lora_rank + rope_dim],
-              "source": getattr(model, "name_or_path", None) or None}
+    record = provenance_record("mla", model, method=method, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim,
+                               dropped_rope=dropped_rope, rope_ranking=rope_ranking,
+                               kv_values_per_token_layer=[2 * hkv * d, kv_lora_rank + rope_dim])
     moments = None
     if calibration is not None:
         ids = token_blocks(tokenizer, calibration, seq_len, calibration_tokens)
@@ -469,29 +445,20 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "attentio
                                    plane_weight=plane_weight))
 
     # -- the new model: the same weights, MLA attention
-    base = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
-    new_cfg = family.config_cls(**base, kv_lora_rank=kv_lora_rank, mla_rope_dim=rope_dim,
-                         mla_rope_frequencies=[lay["frequencies"].tolist() for lay in per_layer],
-                         mla_scaling=float(layers[0].scaling), architectures=[family.model_cls.__name__])
-    new_cfg._attn_implementation = cfg._attn_implementation
-    param = next(model.parameters())
-    new = family.model_cls(new_cfg).to(dtype=param.dtype, device=param.device)
+    dtype = next(model.parameters()).dtype
     dropped = () if family.qk_norm else ("k_proj", "v_proj")      # qk-norm layers still compute k_n and v
     state = {k: v for k, v in model.state_dict().items() if not any(f".self_attn.{n}." in k for n in dropped)}
     for i, lay in enumerate(per_layer):
         for name in ("q_rope_coef", "k_rope_proj", "kv_a_proj", "kv_b_proj"):
             key = f"model.layers.{i}.self_attn.{name}" + ("" if name == "q_rope_coef" else ".weight")
-            state[key] = lay[name].to(param.dtype)
-    missing, unexpected = new.load_state_dict(state, strict=False)
-    assert not unexpected, f"unexpected weights {unexpected[:5]}"
-    assert not missing or all(k.startswith("lm_head") and cfg.tie_word_embeddings for k in missing), missing
-    new.train(model.training)
+            state[key] = lay[name].to(dtype)
     mean = lambda key: round(sum(lay[key] for lay in per_layer) / len(per_layer), 6)
     record.update(kv_energy_kept=mean("kv_energy_kept"), rope_key_energy_kept=mean("rope_key_energy_kept"),
                   rope_planes=[lay["planes"] for lay in per_layer])
-    new.hfa_conversions = [*getattr(model, "hfa_conversions", []), record]
-    new.name_or_path = getattr(model, "name_or_path", "")
-    return new
+    fields = {**config_fields(model), "kv_lora_rank": kv_lora_rank, "mla_rope_dim": rope_dim,
+              "mla_rope_frequencies": [lay["frequencies"].tolist() for lay in per_layer],
+              "mla_scaling": float(layers[0].scaling)}
+    return rebuild(model, family.config_cls, family.model_cls, fields, state, record)
 
 
 register_conversion("mla", convert_mla)

@@ -36,11 +36,12 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+# Documents are joined with a blank line into one token stream (the transformers perplexity guide's
+# convention for WikiText), as calibration joins them; the content hash covers exactly that joined text.
+from ..conversions.toolkit import DOCUMENT_SEPARATOR, atomic_write
+
 __all__ = ["BUNDLED_CORPORA", "DOCUMENT_SEPARATOR", "SPLITS", "TextData", "load_text", "split_of"]
 
-# Documents are joined with a blank line into one token stream (the transformers perplexity guide's
-# convention for WikiText); the content hash covers exactly that joined text.
-DOCUMENT_SEPARATOR = "\n\n"
 SPLITS = ("eval", "calibration", "train")
 
 BUNDLED_CORPORA = {
@@ -328,12 +329,12 @@ def build_python_docs_corpus(sources: str | os.PathLike, out: str | os.PathLike)
         counts[split_of(text)][0] += 1
         counts[split_of(text)][1] += len(text)
     payload = ("\n".join(lines) + "\n").encode("utf-8")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz:
-        gz.write(payload)
-    os.replace(tmp, out)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9,
+                                                   mtime=0) as gz:
+            gz.write(payload)
+
+    atomic_write(out, write)
     return {s: {"documents": n, "chars": c} for s, (n, c) in counts.items()}
 
 

@@ -321,11 +321,8 @@ def main(argv=None) -> int:
                                                    flush=True))
     print(format_table(results))
     if args.json:
-        import os
-        tmp = f"{args.json}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
-        os.replace(tmp, args.json)  # never a half-written file
+        from ..conversions.toolkit import atomic_write
+        atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps([asdict(r) for r in results], indent=1)))
     return 1 if any(r.status in ("DIFFERENT", "CRASH") for r in results) else 0
 
 

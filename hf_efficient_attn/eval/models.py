@@ -24,13 +24,13 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..conversions.toolkit import atomic_write
 from ..errors import CheckpointError, HFAError, MissingFileError
 
 logger = logging.getLogger(__name__)
@@ -153,12 +153,6 @@ def _drop_quantization(model) -> None:
     model.is_quantized = False
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _gguf_to_plain(gguf_dir: Path, gguf_file: str, target: Path, source: dict) -> None:
     """Dequantize `gguf_dir/gguf_file` once and save it as a plain fp32 safetensors checkpoint at `target`.
 
@@ -169,24 +163,21 @@ def _gguf_to_plain(gguf_dir: Path, gguf_file: str, target: Path, source: dict) -
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.warning("hf_efficient_attn: converting %s to a plain checkpoint at %s (once; ~20-60 s)",
                    gguf_file, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
         _drop_quantization(model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _SOURCE_RECORD).write_text(json.dumps(source, indent=2) + "\n")
-        os.chmod(tmp, 0o755 & ~_umask())  # mkdtemp makes it 0700; give it the permissions of a normal folder
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / _SOURCE_RECORD).exists():
-                raise
-            # another process finished the same conversion first; its copy is as good as ours
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    try:
+        atomic_write(target, write)
+    except OSError:
+        if not (target / _SOURCE_RECORD).exists():
+            raise
+        # another process finished the same conversion first; its copy is as good as ours
 
 
 def resolve_bundled_checkpoint(name: str) -> Path:

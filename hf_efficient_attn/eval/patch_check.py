@@ -7,13 +7,12 @@ fixed passage, whether the greedy continuation is identical token for token, and
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 
 import torch
 
 from ..attention import patch, unpatch
+from ..conversions.toolkit import atomic_write
 
 FIXED_TEXT = (
     "The history of the printing press begins in the fifteenth century, when movable metal type made it "
@@ -101,17 +100,8 @@ def patch_check(model_or_name, backend="auto", reference_impl="sdpa", new_tokens
         ok = ok and res["greedy_identical"]
     res["ok"] = ok
     if json_path:
-        _write_json_atomic(res, json_path)
+        atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(res, indent=2)))
     return res
-
-
-def _write_json_atomic(obj, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def print_patch_check(res: dict) -> None:

@@ -26,7 +26,6 @@ that share a tokenizer (a model and its conversions).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .data import DOCUMENT_SEPARATOR, TextData, load_text
+from ..conversions.toolkit import DOCUMENT_SEPARATOR, accepts_logits_to_keep, tokenizer_adds_bos
+from .data import TextData, load_text
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +62,6 @@ class PerplexityResult:
 
 
 # -- tokenization -------------------------------------------------------------------------------------
-
-def tokenizer_adds_bos(tokenizer) -> bool:
-    """Whether `tokenizer(text)` prepends its BOS token by default (checked, not read from a flag)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return len(with_special) > 0 and with_special[0] == bos and (not without or without[0] != bos)
-
 
 def _safe_cut(text: str, limit: int) -> int:
     """A cut position in (0, limit] where tokenizing the two sides apart gives the same tokens as the whole.
@@ -172,13 +162,6 @@ def windows(num_tokens: int, window: int, stride: int | None, bos: bool) -> list
 
 # -- scoring ------------------------------------------------------------------------------------------
 
-def _accepts_logits_to_keep(model) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _model_name(model) -> str:
     return (getattr(model, "name_or_path", None) or getattr(model.config, "name_or_path", None)
             or type(model).__name__)
@@ -244,7 +227,7 @@ def perplexity(model, tokenizer, data=None, context_length: int = 512, stride: i
     vocab_out = getattr(model.config, "vocab_size", None) or vocab
     if batch_size is None:
         batch_size = max(1, min(16, _LOGITS_BUDGET_BYTES // (4 * context_length * vocab_out)))
-    keep_ok = _accepts_logits_to_keep(model)
+    keep_ok = accepts_logits_to_keep(model)
     bos_id = tokenizer.bos_token_id
 
     # full-length windows batch together; a shorter last window runs on its own (no padding anywhere)

@@ -9,8 +9,6 @@ speed at several context lengths, parameters); `format_table` / `to_markdown` pr
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from ..conversions.toolkit import atomic_write
 from .cost import kv_cache_bytes, measure_speed, parameter_count
 from .data import TextData, load_text
 from .perplexity import perplexity
@@ -224,18 +223,6 @@ def to_markdown(reports: list[ModelReport]) -> str:
 
 # -- files and plots ---------------------------------------------------------------------------------
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _plots(reports: list[ModelReport], out: Path) -> list[Path]:
     try:
         import matplotlib
@@ -295,8 +282,8 @@ def write_report(reports: list[ModelReport], out_dir, extra: dict | None = None,
     out.mkdir(parents=True, exist_ok=True)
     payload = {"models": [r.to_dict() for r in reports], "protocol": protocol_line(reports), **(extra or {})}
     jpath, mpath = out / "report.json", out / "report.md"
-    _write_atomic(jpath, (json.dumps(payload, indent=2, default=str) + "\n").encode())
-    _write_atomic(mpath, to_markdown(reports).encode())
+    atomic_write(jpath, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n"))
+    atomic_write(mpath, lambda tmp: tmp.write_text(to_markdown(reports)))
     return {"json": jpath, "markdown": mpath, "plots": _plots(reports, out) if plots else []}
 
 

@@ -143,7 +143,7 @@ def test_model_without_logits_to_keep(model):
             return self.inner(input_ids=input_ids, use_cache=use_cache)
 
     tok = byte_tokenizer()
-    assert ppl_mod._accepts_logits_to_keep(model) and not ppl_mod._accepts_logits_to_keep(Plain(model))
+    assert ppl_mod.accepts_logits_to_keep(model) and not ppl_mod.accepts_logits_to_keep(Plain(model))
     a = perplexity(model, tok, TEXT, context_length=64, stride=16, progress=False)
     b = perplexity(Plain(model), tok, TEXT, context_length=64, stride=16, progress=False)
     assert b.nll == pytest.approx(a.nll, rel=1e-6)
