@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from hf_efficient_attn.conversions import convert, load, save
-from hf_efficient_attn.conversions.mla import mla_ranks  # importing it registers "mla" with convert()
+from hf_efficient_attn.conversions.mla import mla_ranks
 from hf_efficient_attn.eval import kv_cache_bytes
 
 

@@ -28,9 +28,7 @@ from .errors import HFAError  # noqa: E402
 
 try:
     from .attention import is_patched, patch, patched, unpatch  # registers "hfa", "hfa_triton", "hfa_reference"
-    from .conversions import convert, distill, expand_kv_heads, load, save
-    from .conversions import mla as _mla  # noqa: F401  registers "mla" and the hfa_mla_llama Auto classes
-    from .conversions import linear as _linear  # noqa: F401  registers "linear", stage "attention", hfa_linear_* classes
+    from .conversions import convert, distill, expand_kv_heads, load, save  # every conversion, listed in CONVERSIONS
     from .eval import kv_cache_bytes, load_model, load_text, perplexity
 except ModuleNotFoundError as _e:
     if _e.name != "transformers":

@@ -1,6 +1,6 @@
 """Softmax -> linear attention (LoLCATs): swap the attention, then heal it by distillation in two stages.
 
-    new = convert(model, "linear", feature_map="hedgehog", window=64)      # registered here
+    new = convert(model, "linear", feature_map="hedgehog", window=64)      # convert_linear
     distill(new, model, texts, tokenizer=tok, stage="attention", max_tokens=...)   # 1: attention transfer
     distill(new, model, texts, tokenizer=tok, stage="logits", trainable="lora", max_tokens=...)   # 2
 
@@ -8,7 +8,7 @@
 the feature maps and, for the hybrid, the per-head window mix (see ``attention.linear``). Right after
 conversion the feature maps are at their initial state: the model is only usable after stage 1.
 
-Stage ``"attention"`` (registered with `distill` by importing this module): attention transfer. For each
+Stage ``"attention"`` (`attention_transfer_loss`, listed in ``distill.STAGES``): attention transfer. For each
 batch the TEACHER runs once; every student linear layer then runs on the teacher's own input to that layer
 (so layers learn independently, in parallel, as if trained layer by layer on cached inputs) and is scored by
 the relative mean squared error between its output and the teacher layer's output (after o_proj):
@@ -23,11 +23,9 @@ from __future__ import annotations
 import torch
 
 from ..attention.linear import FAMILIES, FEATURE_MAPS, LinearAttention, linear_model_class
-from .convert import register_conversion
-from .distill import DEFAULT_LR, TRAINABLE, Stage, _modules_named, register_stage
 from .toolkit import calibration_forward, config_fields, provenance_record, rebuild
 
-__all__ = ["LINEAR_NEW_MODULES", "attention_transfer_loss", "convert_linear", "linear_layers"]
+__all__ = ["LINEAR_NEW_MODULES", "attention_transfer_loss", "check_linear_student", "convert_linear", "linear_layers"]
 
 LINEAR_NEW_MODULES = ("feature_map_q", "feature_map_k", "window_factor")   # what the conversion adds per layer
 
@@ -112,16 +110,10 @@ def attention_transfer_loss(student, teacher, input_ids, **_):
     return loss, {"attention_mse": loss.detach()}
 
 
-def _check_linear_student(student) -> None:
+def check_linear_student(student) -> None:
+    """Stage "attention"'s check: `student` must have linear-attention layers (made by ``convert(model, "linear")``)."""
     if not linear_layers(student):
         raise ValueError(f"stage='attention' is layer-by-layer attention transfer: it trains the linear-attention "
                          f"layers of a student made by convert(model, 'linear', ...), and {type(student).__name__} "
                          f"has none (it keeps softmax attention). Heal it with stage='logits'")
 
-
-TRAINABLE["feature_maps"] = _modules_named(*LINEAR_NEW_MODULES)
-DEFAULT_LR["feature_maps"] = 3e-2
-register_stage(Stage("attention", attention_transfer_loss,
-                     "per-layer attention-output MSE to the teacher, each layer on the teacher's own inputs",
-                     check=_check_linear_student, default_trainable="feature_maps"))
-register_conversion("linear", convert_linear)

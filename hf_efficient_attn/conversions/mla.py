@@ -1,7 +1,7 @@
 """GQA/MHA -> MLA (multi-head latent attention): cache one rank-r latent and one small RoPE key per token.
 
     new = convert(model, "mla", kv_lora_rank=128, rope_dim=64, method="attention", calibration=texts,
-                  tokenizer=tok)           # registered here: importing this module adds "mla" to CONVERSIONS
+                  tokenizer=tok)           # convert_mla, listed in conversions.convert.CONVERSIONS
 
 After TransMLA (2025) and MHA2MLA (Ji et al. 2025). Notation as in ``attention.mla``: C hidden, Hq query
 heads, Hkv KV heads, G = Hq / Hkv, D head dim, R rotary dim (D for Llama), r = kv_lora_rank, d_r = rope_dim,
@@ -52,8 +52,6 @@ from typing import NamedTuple
 import torch
 
 from ..attention.mla import Gemma3MLAConfig, Gemma3MLAForCausalLM, LlamaMLAConfig, LlamaMLAForCausalLM
-from .convert import register_conversion
-from .distill import DEFAULT_LR, TRAINABLE
 from .gqa import attention_layers, rotary_dim
 from .io import token_blocks
 from .toolkit import calibration_forward, config_fields, provenance_record, rebuild
@@ -461,21 +459,15 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "attentio
     return rebuild(model, family.config_cls, family.model_cls, fields, state, record)
 
 
-register_conversion("mla", convert_mla)
-
 MLA_NEW_MODULES = ("kv_a_proj", "kv_b_proj", "k_rope_proj", "q_rope_coef")
 
 
 def MLA_TRAINABLE(name: str, param) -> bool:  # noqa: N802 - a constant-like selector for hfa.distill(trainable=...)
-    """`distill(trainable=MLA_TRAINABLE)`: every attention weight of an MLA model (the new latent, RoPE-key and
+    """`distill(trainable=MLA_TRAINABLE)`, also listed as ``TRAINABLE["mla"]`` (`hfa convert --method mla`'s
+    default): every attention weight of an MLA model (the new latent, RoPE-key and
     up-projections, the RoPE query coefficients, q_proj and o_proj; in qk-norm families also k_proj, v_proj and
     the q/k norms, which feed the latent)."""
     parts = name.split(".")
     return "self_attn" in parts and any(
         part in (*MLA_NEW_MODULES, "q_proj", "o_proj", "k_proj", "v_proj", "q_norm", "k_norm") for part in parts)
 
-
-# `distill(trainable="mla")` (and `hfa convert --method mla`'s default): every attention weight of an MLA model;
-# lr 2e-4, the Gemma 3 recipe's measured setting (5e-4 with a one-step warmup made a short heal worse there)
-TRAINABLE["mla"] = MLA_TRAINABLE
-DEFAULT_LR["mla"] = 2e-4

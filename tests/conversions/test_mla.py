@@ -10,7 +10,6 @@ import pytest
 import torch
 import transformers
 
-import hf_efficient_attn.conversions.mla  # noqa: F401  (registers "mla")
 from hf_efficient_attn.attention.mla import LlamaMLAForCausalLM, MLAAttention, latent_cache
 from hf_efficient_attn.conversions import convert, load, save
 from hf_efficient_attn.conversions.mla import mla_ranks

@@ -11,7 +11,6 @@ import pytest
 import torch
 import transformers
 
-import hf_efficient_attn.conversions.mla  # noqa: F401  (registers "mla")
 from hf_efficient_attn.attention.mla import Gemma3MLAAttention, Gemma3MLAForCausalLM, latent_cache
 from hf_efficient_attn.conversions import convert, load, save
 from hf_efficient_attn.conversions.mla import MLA_TRAINABLE, _layer_inv_freqs, mla_ranks
