@@ -91,8 +91,9 @@ def _add_eval(sub):
 
 
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="the main job, offline: SmolLM2-135M patch check, every conversion, one "
-                                    "perplexity / KV-cache / speed table on held-out text")
+    p = sub.add_parser("demo", help="the main job, offline: SmolLM2-135M patch check, the conversions of "
+                                    "eval.report.DEMO_CONVERSIONS (GQA 3 -> 1 KV heads by each method, one healed), "
+                                    "one perplexity / KV-cache / speed table on held-out text")
     p.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens to evaluate (default 8192)")
     p.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--speed-contexts", type=_int_list, default=(128, 512),

@@ -3,7 +3,7 @@
 `evaluate_models` measures each model (perplexity, KV-cache bytes from the real cache, decode
 speed at several context lengths, parameters); `format_table` / `to_markdown` print the one table;
 `write_report` writes JSON, Markdown and (with matplotlib) two plots. `run_demo` is the main job of
-`hfa demo`: the bundled SmolLM2, the patch check, every conversion of `demo_conversions()`, one table.
+`hfa demo`: the bundled SmolLM2, the patch check, every conversion listed in `DEMO_CONVERSIONS`, one table.
 """
 
 from __future__ import annotations
@@ -291,56 +291,57 @@ def write_report(reports: list[ModelReport], out_dir, extra: dict | None = None,
 
 @dataclass(frozen=True)
 class DemoConversion:
-    """One conversion `hfa demo` runs on the bundled model. Add a line to `DEMO_CONVERSIONS` per method.
+    """One conversion `hfa demo` runs on the bundled model: one line of `DEMO_CONVERSIONS`.
 
     label: the row name. method/options: ``hfa.convert(model, method, **options, calibration=...,
-    tokenizer=...)`` with the calibration split of the bundled corpus. build: instead of `method`, a
-    function ``build(model, tokenizer, calibration: TextData, max_tokens: int) -> model`` for recipes
-    that do more than one `convert` call (e.g. convert, then distill). Either way the base model
-    must come back unmodified: it is the first row of the table.
+    tokenizer=...)`` with the calibration split of the bundled corpus; heal: then ``hfa.distill(new, model,
+    calibration, tokenizer=..., **heal)`` on that split too (the demo evaluates on the held-out one). build:
+    instead of `method`, a function ``build(model, tokenizer, calibration: TextData, max_tokens: int) -> model``
+    for recipes that are neither. Either way the base model must come back unmodified: it is the first row of the
+    table.
     """
 
     label: str
     method: str | None = None
     options: dict = field(default_factory=dict)
     build: Callable | None = None
+    heal: dict | None = None
 
 
-# Conversions the demo runs besides those `hf_efficient_attn.conversions.demo_conversions()` lists
-# (where each conversion method registers its own demo entries). Fast settings only; one line each, e.g.
-#   DemoConversion("gqa kv=1", "gqa", {"num_kv_heads": 1}),
-DEMO_CONVERSIONS: list[DemoConversion] = []
+_GQA_KV1 = {"num_kv_heads": 1, "calibration_tokens": 4096}
+
+# Everything `hfa demo` runs after the base model, in table order: SmolLM2-135M's 3 KV heads merged into 1 by
+# each GQA method, then the best one healed. About 3 minutes in all on 2 idle CPU cores; fast settings only.
+DEMO_CONVERSIONS: list[DemoConversion] = [
+    DemoConversion("gqa kv=1 mean", "gqa", {**_GQA_KV1, "method": "mean"}),
+    DemoConversion("gqa kv=1 aligned", "gqa", {**_GQA_KV1, "method": "aligned"}),
+    DemoConversion("gqa kv=1 pca", "gqa", {**_GQA_KV1, "method": "pca"}),
+    DemoConversion("gqa kv=1 pca + 8k-token heal", "gqa", {**_GQA_KV1, "method": "pca"},
+                   heal={"max_tokens": 8192, "seq_len": 256, "batch_size": 4}),
+]
 
 
 def demo_conversions() -> list[DemoConversion]:
-    """Every conversion `hfa demo` runs: `DEMO_CONVERSIONS`, then the entries of
-    ``hf_efficient_attn.conversions.demo_conversions()`` (``[(label, build)]``) where that exists."""
-    steps = list(DEMO_CONVERSIONS)
-    try:
-        from .. import conversions
-    except ImportError:  # an installation without the conversions layer still runs the demo
-        return steps
-    listed = getattr(conversions, "demo_conversions", None)
-    if listed is not None:
-        steps += [DemoConversion(label, build=build) for label, build in listed()]
-    return steps
+    """Every conversion `hfa demo` runs: `DEMO_CONVERSIONS`."""
+    return list(DEMO_CONVERSIONS)
 
 
 def _run_conversion(step: DemoConversion, model, tokenizer, calibration: TextData, max_tokens: int):
     if step.build is not None:
         return step.build(model, tokenizer, calibration, max_tokens)
-    import hf_efficient_attn as hfa
-    if not hasattr(hfa, "convert"):
-        raise ImportError(f"demo step {step.label!r} needs hf_efficient_attn.convert, which this installation lacks")
-    return hfa.convert(model, step.method, calibration=list(calibration.documents), tokenizer=tokenizer,
-                       **step.options)
+    from ..conversions import convert, distill
+
+    new = convert(model, step.method, calibration=list(calibration.documents), tokenizer=tokenizer, **step.options)
+    if step.heal is not None:
+        distill(new, model, list(calibration.documents), tokenizer=tokenizer, **step.heal)
+    return new.eval()
 
 
 def run_demo(max_tokens: int = 8192, context_length: int = 512, out_dir=None, speed_contexts=(128, 512),
              decode_tokens: int = 16, patch_new_tokens: int = 32, conversions=None, progress: bool = True,
              echo: Callable[[str], None] = print) -> dict:
     """The main job on the bundled defaults, offline: SmolLM2-135M, the patch check, every conversion of
-    `demo_conversions()` (or the given list; ``[]`` for none), each evaluated on the held-out split of the
+    `DEMO_CONVERSIONS` (or the given list; ``[]`` for none), each evaluated on the held-out split of the
     bundled corpus; one table.
 
     Returns ``{"patch_check": dict, "reports": [ModelReport], "table": str, "files": dict | None, "ok": bool}``.
@@ -352,15 +353,11 @@ def run_demo(max_tokens: int = 8192, context_length: int = 512, out_dir=None, sp
     model, tok = load_model("smollm2-135m")
 
     echo("\n[1/3] patch check: stock sdpa vs hf_efficient_attn")
-    from .patch_check import patch_check
-    try:
-        from .patch_check import print_patch_check
-    except ImportError:
-        print_patch_check = lambda r: echo(json.dumps(r, indent=2, default=str))
+    from .patch_check import patch_check, print_patch_check
     check = patch_check("smollm2-135m", new_tokens=patch_new_tokens)
     print_patch_check(check)
 
-    echo(f"\n[2/3] conversions: {', '.join(c.label for c in conversions) if conversions else 'none registered yet'}")
+    echo(f"\n[2/3] conversions: {', '.join(c.label for c in conversions) if conversions else 'none'}")
     entries = [("smollm2-135m", model, tok)]
     calibration = load_text(None, split="calibration") if conversions else None
     for step in conversions:

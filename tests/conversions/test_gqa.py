@@ -335,10 +335,16 @@ def test_pca_merges_normed_keys_as_aligned_does():
 
 
 def test_demo_conversions_build_mqa_models():
-    from hf_efficient_attn.conversions import demo_conversions
+    """Every entry of `hfa demo`'s list (eval.report.DEMO_CONVERSIONS) builds an MQA model, at smaller budgets."""
+    from dataclasses import replace
+
+    from hf_efficient_attn.eval.data import TextData
+    from hf_efficient_attn.eval.report import DEMO_CONVERSIONS, _run_conversion
 
     model = tiny("llama")
-    for label, build in demo_conversions(heal_tokens=1024, calibration_tokens=1024):
-        new = build(model, char_tokenizer(), TEXTS)
-        assert new.config.num_key_value_heads == 1 and not new.training, label
+    for step in DEMO_CONVERSIONS:
+        step = replace(step, options={**step.options, "calibration_tokens": 1024},
+                       heal=step.heal and {**step.heal, "max_tokens": 1024})
+        new = _run_conversion(step, model, char_tokenizer(), TextData("texts", tuple(TEXTS)), 0)
+        assert new.config.num_key_value_heads == 1 and not new.training, step.label
     assert model.config.num_key_value_heads == 2

@@ -88,28 +88,23 @@ def test_cli_eval_errors_are_one_clear_line(tmp_path, capsys):
         main(["eval", a, "--speed-contexts", "8,x"])
 
 
-def test_demo_conversions_registry(monkeypatch):
-    """`hfa demo` runs DEMO_CONVERSIONS plus whatever the conversions layer lists, one entry each."""
-    import sys
-    import types
-
-    import hf_efficient_attn
+def test_demo_conversions_are_the_one_list(monkeypatch):
+    """`hfa demo` runs exactly DEMO_CONVERSIONS, one entry each, in order: the rows the README shows."""
+    from hf_efficient_attn.conversions import CONVERSIONS
     from hf_efficient_attn.eval import report
+
+    assert [s.label for s in report.demo_conversions()] == [
+        "gqa kv=1 mean", "gqa kv=1 aligned", "gqa kv=1 pca", "gqa kv=1 pca + 8k-token heal"]
+    assert all(s.method in CONVERSIONS and s.build is None for s in report.DEMO_CONVERSIONS)
 
     def build(model, tokenizer, calibration, max_tokens=None):
         return model
 
-    fake = types.ModuleType("hf_efficient_attn.conversions")
-    fake.demo_conversions = lambda: [("gqa kv=1", build), ("mla r=32", build)]
-    monkeypatch.setitem(sys.modules, "hf_efficient_attn.conversions", fake)
-    monkeypatch.setattr(hf_efficient_attn, "conversions", fake, raising=False)
-    monkeypatch.setattr(report, "DEMO_CONVERSIONS", [report.DemoConversion("extra", "gqa", {"num_kv_heads": 1})])
+    listed = [report.DemoConversion("extra", "gqa", {"num_kv_heads": 1}), report.DemoConversion("mla r=32", build=build)]
+    monkeypatch.setattr(report, "DEMO_CONVERSIONS", listed)
     steps = report.demo_conversions()
-    assert [s.label for s in steps] == ["extra", "gqa kv=1", "mla r=32"]
+    assert [s.label for s in steps] == ["extra", "mla r=32"]
     assert steps[1].build is build and steps[0].method == "gqa"
-
-    del fake.demo_conversions  # a conversions layer without demo entries: only DEMO_CONVERSIONS
-    assert [s.label for s in report.demo_conversions()] == ["extra"]
 
 
 def test_write_report_without_matplotlib(reports, tmp_path, monkeypatch):
