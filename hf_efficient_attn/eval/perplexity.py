@@ -167,18 +167,9 @@ def _model_name(model) -> str:
             or type(model).__name__)
 
 
-def perplexity(model, tokenizer, data=None, context_length: int = 512, stride: int | None = None,
-               max_tokens: int | None = None, batch_size: int | None = None, split: str | None = None,
-               progress: bool = True) -> PerplexityResult:
-    """Perplexity of a causal LM on `data` under the protocol in this module's docstring.
-
-    model: a causal LM returning `.logits [B, T, V]`. data: anything `load_text` accepts (None: the
-    bundled held-out split). context_length: tokens the model sees per window, BOS included.
-    stride: None for disjoint windows, else the sliding-window step (new tokens scored per window).
-    max_tokens: use only the first `max_tokens` tokens of the stream. batch_size: windows per
-    forward pass (None: as many as keep one batch's fp32 logits under 1 GiB, at most 16); the result
-    does not depend on it beyond float rounding.
-    """
+def _check_options(model, tokenizer, context_length, stride, max_tokens, batch_size) -> tuple[bool, int]:
+    """Refuse options the protocol cannot follow; returns (whether each window starts with BOS, W: the stream
+    tokens per window)."""
     if not isinstance(context_length, int) or isinstance(context_length, bool) or context_length < 2:
         raise ValueError(f"context_length must be an integer >= 2, got {context_length!r}")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
@@ -207,9 +198,10 @@ def perplexity(model, tokenizer, data=None, context_length: int = 512, stride: i
     if isinstance(max_pos, int) and context_length > max_pos:
         logger.warning("context_length %d exceeds the model's max_position_embeddings %d; positions beyond "
                        "what it was trained on", context_length, max_pos)
+    return bos, window
 
-    text = load_text(data, split=split)
-    stream = tokenize_stream(tokenizer, text, max_tokens=max_tokens, progress=progress)
+
+def _check_stream(model, stream: torch.Tensor, text: TextData, max_tokens, bos: bool) -> None:
     needed = 1 if bos else 2
     if stream.numel() < needed:
         raise ValueError(
@@ -221,37 +213,35 @@ def perplexity(model, tokenizer, data=None, context_length: int = 512, stride: i
         raise ValueError(f"the tokenizer produced id {int(stream.max())}, but the model's embedding has only "
                          f"{vocab} rows: tokenizer and model do not match")
 
-    wins = windows(stream.numel(), window, stride, bos)
-    param = next(model.parameters())
-    device = param.device
-    vocab_out = getattr(model.config, "vocab_size", None) or vocab
-    if batch_size is None:
-        batch_size = max(1, min(16, _LOGITS_BUDGET_BYTES // (4 * context_length * vocab_out)))
-    keep_ok = accepts_logits_to_keep(model)
-    bos_id = tokenizer.bos_token_id
 
-    # full-length windows batch together; a shorter last window runs on its own (no padding anywhere)
+def _batches(wins: list[tuple[int, int, int]], batch_size: int) -> list[list[tuple[int, int, int]]]:
+    """Full-length windows batch together; a shorter last window runs on its own (no padding anywhere)."""
     groups: list[list[tuple[int, int, int]]] = []
     for w in wins:
         if groups and len(groups[-1]) < batch_size and (groups[-1][0][1] - groups[-1][0][0]) == (w[1] - w[0]):
             groups[-1].append(w)
         else:
             groups.append([w])
+    return groups
 
-    nll_sum = 0.0
-    n_scored = 0
+
+def _score(model, stream: torch.Tensor, groups, bos_id: int | None, progress: bool) -> tuple[float, int]:
+    """(sum of the NLL in nats, number of scored tokens) over the windows of `groups`; `bos_id`: prepended to every
+    window (None: no BOS)."""
+    device = next(model.parameters()).device
+    keep_ok = accepts_logits_to_keep(model)
+    nll_sum, n_scored = 0.0, 0
     was_training = model.training
     model.eval()
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(wins), unit="window", desc=f"perplexity {_model_name(model)}")
+        bar = tqdm(total=sum(map(len, groups)), unit="window", desc=f"perplexity {_model_name(model)}")
     try:
         with torch.inference_mode():
             for group in groups:
-                rows = [stream[s:e] for s, e, _ in group]
-                ids = torch.stack(rows)
-                if bos:
+                ids = torch.stack([stream[s:e] for s, e, _ in group])
+                if bos_id is not None:
                     ids = torch.cat([torch.full((ids.shape[0], 1), bos_id, dtype=ids.dtype), ids], dim=1)
                 ids = ids.to(device)                                  # (B, T)
                 most = max(n for _, _, n in group)
@@ -271,11 +261,13 @@ def perplexity(model, tokenizer, data=None, context_length: int = 512, stride: i
         if bar is not None:
             bar.close()
         model.train(was_training)
+    return nll_sum, n_scored
 
-    nll = nll_sum / n_scored
-    if not math.isfinite(nll):
-        raise FloatingPointError(f"the model produced a non-finite loss ({nll}) on {text.name}: check its dtype "
-                                 f"({param.dtype}; fp16 overflows easily) and weights")
+
+def _protocol(model, tokenizer, text: TextData, stream: torch.Tensor, context_length, stride, max_tokens, bos,
+              n_scored: int, n_windows: int) -> dict:
+    """Everything needed to tell whether two results were measured the same way."""
+    param = next(model.parameters())
     protocol = {
         "data": text.name,
         "data_sha256": text.sha256,
@@ -289,10 +281,10 @@ def perplexity(model, tokenizer, data=None, context_length: int = 512, stride: i
         "stream_tokens": int(stream.numel()),
         "token_stream_sha256": hashlib.sha256(stream.numpy().astype("<i8").tobytes()).hexdigest(),
         "tokens": n_scored,
-        "windows": len(wins),
+        "windows": n_windows,
         "dtype": str(param.dtype).removeprefix("torch."),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
-        "device": str(device),
+        "device": str(param.device),
         "torch": torch.__version__,
     }
     try:
@@ -300,4 +292,35 @@ def perplexity(model, tokenizer, data=None, context_length: int = 512, stride: i
         protocol["transformers"] = transformers.__version__
     except ImportError:
         pass
+    return protocol
+
+
+def perplexity(model, tokenizer, data=None, context_length: int = 512, stride: int | None = None,
+               max_tokens: int | None = None, batch_size: int | None = None, split: str | None = None,
+               progress: bool = True) -> PerplexityResult:
+    """Perplexity of a causal LM on `data` under the protocol in this module's docstring.
+
+    model: a causal LM returning `.logits [B, T, V]`. data: anything `load_text` accepts (None: the
+    bundled held-out split). context_length: tokens the model sees per window, BOS included.
+    stride: None for disjoint windows, else the sliding-window step (new tokens scored per window).
+    max_tokens: use only the first `max_tokens` tokens of the stream. batch_size: windows per
+    forward pass (None: as many as keep one batch's fp32 logits under 1 GiB, at most 16); the result
+    does not depend on it beyond float rounding.
+    """
+    bos, window = _check_options(model, tokenizer, context_length, stride, max_tokens, batch_size)
+    text = load_text(data, split=split)
+    stream = tokenize_stream(tokenizer, text, max_tokens=max_tokens, progress=progress)
+    _check_stream(model, stream, text, max_tokens, bos)
+
+    wins = windows(stream.numel(), window, stride, bos)
+    if batch_size is None:
+        vocab_out = getattr(model.config, "vocab_size", None) or model.get_input_embeddings().num_embeddings
+        batch_size = max(1, min(16, _LOGITS_BUDGET_BYTES // (4 * context_length * vocab_out)))
+    nll_sum, n_scored = _score(model, stream, _batches(wins, batch_size), tokenizer.bos_token_id if bos else None,
+                               progress)
+    nll = nll_sum / n_scored
+    if not math.isfinite(nll):
+        raise FloatingPointError(f"the model produced a non-finite loss ({nll}) on {text.name}: check its dtype "
+                                 f"({next(model.parameters()).dtype}; fp16 overflows easily) and weights")
+    protocol = _protocol(model, tokenizer, text, stream, context_length, stride, max_tokens, bos, n_scored, len(wins))
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=n_scored, protocol=protocol)
