@@ -258,6 +258,69 @@ class DistillResult:
     resumed_from: int = 0                                # the step this call started at
 
 
+def _check_pair(student, teacher, stage: str, checkpoint_dir, checkpoint_every) -> Stage:
+    """Refuse a student/teacher pair or settings distill cannot train with, before any work; returns the stage."""
+    if student is teacher:
+        raise HFAError("student and teacher are the same object: distill a converted copy (hfa.convert returns one)")
+    stage_obj = _stage(stage, student)
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise HFAError(f"student and teacher vocabularies differ ({student.config.vocab_size} vs "
+                       f"{teacher.config.vocab_size}): distillation compares their next-token distributions")
+    if checkpoint_every is not None and checkpoint_dir is None:
+        raise HFAError("checkpoint_every needs checkpoint_dir=<folder>")
+    check_finite(teacher, "the teacher", "Distilling from it would train the student toward NaN: reload the teacher")
+    check_finite(student, "the student", "Convert it again from a finite model (hfa.convert checks its input)")
+    return stage_obj
+
+
+def _resume(state_path: Path | None, fingerprint: dict, named, optimizer, scheduler) -> tuple[int, list[float]]:
+    """(step to start at, losses so far) from the checkpoint at `state_path`, loaded into the trainable weights,
+    optimizer and scheduler; (0, []) without one."""
+    if state_path is None or not state_path.exists():
+        return 0, []
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    _check_fingerprint(state["fingerprint"], fingerprint, state_path)
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(state["trainable"][n])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"], list(state["losses"])
+
+
+def _optimizer_step(accelerator, loss, params, grad_clip, optimizer, scheduler, stopped: Callable[[str, float], str]):
+    """Backward, clip, step: but first the loss (mean over processes) and then the gradient norm must be finite,
+    else `NonFiniteError` with ``stopped(what, value)`` and nothing applied. Returns the step's loss."""
+    step_loss = accelerator.reduce(loss.detach().float(), "mean").item()     # the same on every process
+    if not math.isfinite(step_loss):
+        raise NonFiniteError(stopped("loss", step_loss))
+    accelerator.backward(loss)
+    if grad_clip is not None:
+        norm = accelerator.clip_grad_norm_(params, grad_clip)
+    else:
+        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+        norm = torch.stack(grads).norm() if grads else torch.zeros(())
+    if not math.isfinite(float(norm)):
+        raise NonFiniteError(stopped("gradient norm", float(norm)))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def _hand_back(student, model, finished: bool, stop_checkpointing: bool, flags: dict, was_training: bool) -> None:
+    """The student as it came, trained if `finished`: LoRA merged into it (or dropped if interrupted),
+    requires_grad, activation checkpointing and training mode restored."""
+    if model is not student:                                               # the PeftModel of "lora"
+        model = model.merge_and_unload() if finished else model.unload()
+        assert model is student, "peft returned a different module than the student it wrapped"
+    if stop_checkpointing:
+        _set_checkpointing(student, False)
+    for n, p in student.named_parameters():
+        p.requires_grad_(flags.get(n, True))
+    student.train(was_training)
+
+
 def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", max_tokens: int = 100_000,
             seq_len: int = 512, batch_size: int = 4, trainable=None, lr: float | None = None,
             weight_decay: float = 0.0, warmup: float = 0.05, grad_clip: float | None = 1.0,
@@ -278,17 +341,8 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
     """
     from accelerate import Accelerator
 
-    if student is teacher:
-        raise HFAError("student and teacher are the same object: distill a converted copy (hfa.convert returns one)")
-    stage_obj = _stage(stage, student)
+    stage_obj = _check_pair(student, teacher, stage, checkpoint_dir, checkpoint_every)
     trainable = stage_obj.default_trainable if trainable is None else trainable
-    if student.config.vocab_size != teacher.config.vocab_size:
-        raise HFAError(f"student and teacher vocabularies differ ({student.config.vocab_size} vs "
-                       f"{teacher.config.vocab_size}): distillation compares their next-token distributions")
-    if checkpoint_every is not None and checkpoint_dir is None:
-        raise HFAError("checkpoint_every needs checkpoint_dir=<folder>")
-    check_finite(teacher, "the teacher", "Distilling from it would train the student toward NaN: reload the teacher")
-    check_finite(student, "the student", "Convert it again from a finite model (hfa.convert checks its input)")
     accelerator = Accelerator()
     world, rank = accelerator.num_processes, accelerator.process_index
     tokens_per_step = seq_len * batch_size * world
@@ -314,7 +368,8 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
         if gradient_checkpointing:
             _set_checkpointing(model, True)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+        params = [p for _, p in named]
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
         teacher.to(accelerator.device).eval()
         model.train()
@@ -327,16 +382,7 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
                        "parameters": [(n, tuple(p.shape)) for n, p in named],
                        "data": hashlib.sha256(blocks.numpy().tobytes()).hexdigest()}
         state_path = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None
-        start, losses = 0, []
-        if state_path is not None and resume and state_path.exists():
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-            _check_fingerprint(state["fingerprint"], fingerprint, state_path)
-            with torch.no_grad():
-                for n, p in named:
-                    p.copy_(state["trainable"][n])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start, losses = state["step"], list(state["losses"])
+        start, losses = _resume(state_path if resume else None, fingerprint, named, optimizer, scheduler)
 
         # -- train
         loss_options = {"kl_weight": kl_weight, "ce_weight": ce_weight, "temperature": temperature}
@@ -348,22 +394,8 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
             input_ids = blocks[mine].to(accelerator.device)                    # (B, seq_len)
             with autocast():
                 loss, metrics = stage_obj.loss(wrapped, teacher, input_ids, **loss_options)
-            step_loss = accelerator.reduce(loss.detach().float(), "mean").item()     # the same on every process
-            if not math.isfinite(step_loss):
-                raise NonFiniteError(_stopped(step, steps, "loss", step_loss, lr, model is not student))
-            accelerator.backward(loss)
-            params = [p for _, p in named]
-            if grad_clip is not None:
-                norm = accelerator.clip_grad_norm_(params, grad_clip)
-            else:
-                grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-                norm = torch.stack(grads).norm() if grads else torch.zeros(())
-            if not math.isfinite(float(norm)):
-                raise NonFiniteError(_stopped(step, steps, "gradient norm", float(norm), lr, model is not student))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
+            stopped = lambda what, value: _stopped(step, steps, what, value, lr, model is not student)
+            losses.append(_optimizer_step(accelerator, loss, params, grad_clip, optimizer, scheduler, stopped))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             done = step + 1
@@ -381,15 +413,7 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
         seconds = time.perf_counter() - t0
         finished = True
     finally:
-        # -- hand the student back as it came: trained if finished, LoRA merged (or dropped if interrupted)
-        if model is not student:                                               # the PeftModel of "lora"
-            model = model.merge_and_unload() if finished else model.unload()
-            assert model is student, "peft returned a different module than the student it wrapped"
-        if gradient_checkpointing and not was_checkpointing:
-            _set_checkpointing(student, False)
-        for n, p in student.named_parameters():
-            p.requires_grad_(flags.get(n, True))
-        student.train(was_training)
+        _hand_back(student, model, finished, gradient_checkpointing and not was_checkpointing, flags, was_training)
         accelerator.free_memory()
 
     with_provenance(student, student, {
