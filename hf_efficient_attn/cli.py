@@ -274,13 +274,17 @@ def _check_method(method: str) -> None:
 
 def conversion_options(method: str, settings, calibration_tokens=None) -> dict:
     """The typed options of ``--set KEY=VALUE ...`` (``settings``: [(key, text)]) for conversion `method`,
-    checked against its signature before any work: unknown, repeated, command-set or missing options raise."""
+    checked before any work by `convert`'s own check (`unknown_and_missing`): unknown, repeated, command-set or
+    missing options raise."""
+    from .conversions.convert import unknown_and_missing
+
     _check_method(method)
     types_ = option_types(method)
     accepted = ", ".join(types_)
+    unknown = set(unknown_and_missing(method, [key for key, _ in settings])[0])
     options = {}
     for key, text in settings:
-        if key not in types_:
+        if key in unknown:
             raise OptionError(f"conversion {method!r} got unknown option {key!r}; it accepts: {accepted} "
                               f"(hfa convert --method {method} --help-options lists them with types and defaults)")
         if key in ("calibration", "tokenizer"):
@@ -289,14 +293,13 @@ def conversion_options(method: str, settings, calibration_tokens=None) -> dict:
             raise HFAError(f"option {key!r} is given twice")
         options[key] = parse_option(key, text, types_[key][0])
     if calibration_tokens is not None:
-        if "calibration_tokens" not in types_:
+        if unknown_and_missing(method, ["calibration_tokens"])[0]:
             raise OptionError(f"conversion {method!r} takes no calibration_tokens (--calibration-tokens); it "
                               f"accepts: {accepted}")
         if "calibration_tokens" in options:
             raise HFAError("calibration_tokens is given twice (--calibration-tokens and --set)")
         options["calibration_tokens"] = calibration_tokens
-    filled = {"calibration", "tokenizer"}
-    missing = [k for k, (_, d) in types_.items() if d is inspect.Parameter.empty and k not in options and k not in filled]
+    missing = unknown_and_missing(method, options, filled=("calibration", "tokenizer"))[1]
     if missing:
         raise OptionError(f"conversion {method!r} needs option(s) {', '.join(map(repr, missing))}: pass "
                           + " ".join(f"--set {k}=..." for k in missing) + f" (accepted: {accepted})")
@@ -460,11 +463,9 @@ def _check_trainable(student, trainable, defaulted: bool) -> None:
 _HEAL_FLAGS = ("heal_data", "stage", "trainable", "seq_len", "batch_size", "lr", "bf16")
 
 
-def run_convert(args) -> int:
-    """`hfa convert`: load, convert, optionally heal and evaluate, then save atomically."""
-    if args.help_options:
-        print(format_options(args.method))
-        return 0
+def _check_convert_flags(args) -> tuple[list, dict, dict]:
+    """Every flag of `hfa convert` checked before any work; returns (--set settings, typed options, the
+    conversion's accepted options)."""
     if args.method is None:
         raise HFAError("--method NAME is required (hfa convert --help-options lists the conversions)")
     _check_method(args.method)
@@ -485,14 +486,12 @@ def run_convert(args) -> int:
                                  ("--context", args.context)) if v is not None]
     if eval_given and not args.eval:
         raise HFAError(f"{', '.join(eval_given)} only apply with --eval")
-    from .conversions.io import is_main_process
+    return settings, options, accepted
 
-    main = is_main_process()        # under torchrun / accelerate launch only the main process writes
-    out = Path(args.out).expanduser()
-    if main:
-        _check_out(out, args.overwrite, args.model)
 
-    # read every text before the slow part, so a missing file fails at once
+def _read_inputs(args, accepted) -> tuple:
+    """(calibration, heal text, --trainable, eval text): every text read before the slow part, so a missing file
+    fails at once, and the heal settings checked."""
     calibration = None
     if "calibration" in accepted and not args.no_calibration:
         calibration = _text(args.calibration, "calibration", "--calibration")
@@ -504,11 +503,14 @@ def run_convert(args) -> int:
     if args.heal_tokens is not None:
         _check_heal_budget(args)
     eval_text = _text(args.eval_data, "eval", "--eval-data") if args.eval else None
+    return calibration, heal_text, trainable_spec, eval_text
 
+
+def _load_and_convert(args, options, accepted, calibration, main: bool, say):
+    """(MODEL, its tokenizer, the converted model)."""
     import hf_efficient_attn as hfa
     from .eval.models import load_model
 
-    say = (lambda msg: print(f"hfa convert: {msg}", flush=True)) if main else (lambda msg: None)
     t0 = time.perf_counter()
     model, tok = load_model(args.model, dtype=args.dtype)
     if model.get_output_embeddings() is None:
@@ -527,41 +529,65 @@ def run_convert(args) -> int:
     shown = ", ".join(f"{k}={v!r}" for k, v in options.items() if k not in ("calibration", "tokenizer", "progress"))
     say(f"converted with {args.method}({shown})" + (f", calibration {calibration.name}" if calibration else "")
         + f" in {time.perf_counter() - t0:.1f} s")
+    return model, tok, new
 
-    heal = None
-    if args.heal_tokens:
-        stage = args.stage or "logits"
-        trainable = trainable_spec or _default_trainable(args.method, stage)
-        _check_trainable(new, trainable, args.trainable is None)
-        try:
-            res = hfa.distill(new, model, list(heal_text.documents), tokenizer=tok, stage=stage,
-                              max_tokens=args.heal_tokens, seq_len=args.seq_len or 512,
-                              batch_size=args.batch_size or 4, trainable=trainable, lr=args.lr,
-                              bf16=True if args.bf16 else None, progress=not args.quiet)
-        except NonFiniteError as e:           # say the fix in flags, not in Python
-            what = str(e).split(" Fix: ")[0]
-            raise NonFiniteError(f"{what} Nothing was saved. Fix: lower --lr"
-                                 + (", or drop --bf16" if args.bf16 else "") + " (the teacher's weights and outputs "
-                                 "are checked too: a NaN at step 1 means MODEL itself is broken)") from None
-        new.eval()
-        heal = {"stage": stage, "trainable": args.trainable or trainable, "tokens": res.tokens, "steps": res.steps,
-                "data": heal_text.name, "data_sha256": heal_text.sha256, "first_loss": res.losses[0],
-                "last_loss": res.losses[-1], "seconds": round(res.seconds, 1)}
-        say(f"healed on {res.tokens} tokens of {heal_text.name} ({stage}, trainable={heal['trainable']}): loss "
-            f"{res.losses[0]:.4f} -> {res.losses[-1]:.4f} in {res.seconds:.1f} s")
 
+def _heal(args, new, model, tok, heal_text, trainable_spec, say) -> dict:
+    """Distill `new` from `model` on `heal_text` (in place); returns what the report records of it."""
+    import hf_efficient_attn as hfa
+
+    stage = args.stage or "logits"
+    trainable = trainable_spec or _default_trainable(args.method, stage)
+    _check_trainable(new, trainable, args.trainable is None)
+    try:
+        res = hfa.distill(new, model, list(heal_text.documents), tokenizer=tok, stage=stage,
+                          max_tokens=args.heal_tokens, seq_len=args.seq_len or 512,
+                          batch_size=args.batch_size or 4, trainable=trainable, lr=args.lr,
+                          bf16=True if args.bf16 else None, progress=not args.quiet)
+    except NonFiniteError as e:           # say the fix in flags, not in Python
+        what = str(e).split(" Fix: ")[0]
+        raise NonFiniteError(f"{what} Nothing was saved. Fix: lower --lr"
+                             + (", or drop --bf16" if args.bf16 else "") + " (the teacher's weights and outputs "
+                             "are checked too: a NaN at step 1 means MODEL itself is broken)") from None
+    new.eval()
+    heal = {"stage": stage, "trainable": args.trainable or trainable, "tokens": res.tokens, "steps": res.steps,
+            "data": heal_text.name, "data_sha256": heal_text.sha256, "first_loss": res.losses[0],
+            "last_loss": res.losses[-1], "seconds": round(res.seconds, 1)}
+    say(f"healed on {res.tokens} tokens of {heal_text.name} ({stage}, trainable={heal['trainable']}): loss "
+        f"{res.losses[0]:.4f} -> {res.losses[-1]:.4f} in {res.seconds:.1f} s")
+    return heal
+
+
+def run_convert(args) -> int:
+    """`hfa convert`: load, convert, optionally heal and evaluate, then save atomically."""
+    if args.help_options:
+        print(format_options(args.method))
+        return 0
+    settings, options, accepted = _check_convert_flags(args)
+    from .conversions.io import is_main_process
+
+    main = is_main_process()        # under torchrun / accelerate launch only the main process writes
+    out = Path(args.out).expanduser()
+    if main:
+        _check_out(out, args.overwrite, args.model)
+    calibration, heal_text, trainable_spec, eval_text = _read_inputs(args, accepted)
+
+    say = (lambda msg: print(f"hfa convert: {msg}", flush=True)) if main else (lambda msg: None)
+    model, tok, new = _load_and_convert(args, options, accepted, calibration, main, say)
+    heal = _heal(args, new, model, tok, heal_text, trainable_spec, say) if args.heal_tokens else None
     if not main:                    # the others wait while the main process evaluates and writes
         _barrier()
         return 0
     reports = None
     if args.eval:  # before saving: a failure here leaves nothing written
         from .eval.report import evaluate_models, format_table
-        label = _label(args.model, args.method, settings, res.tokens if heal else None)
+        label = _label(args.model, args.method, settings, heal["tokens"] if heal else None)
         reports = evaluate_models([(args.model, model, tok), (label, new, tok)], eval_text,
                                   context_length=args.context or 512, max_tokens=args.eval_tokens or 8192,
                                   speed_contexts=(), progress=not args.quiet)
         print(format_table(reports), flush=True)
 
+    import hf_efficient_attn as hfa
     saved = hfa.save(new, out, tokenizer=tok, overwrite=args.overwrite)
     say(f"saved {saved} (load it with hf_efficient_attn.load({str(saved)!r}))")
     if reports is not None:

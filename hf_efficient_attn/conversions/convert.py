@@ -23,7 +23,7 @@ from .io import check_finite
 from .linear import convert_linear
 from .mla import convert_mla
 
-__all__ = ["CONVERSIONS", "convert", "options_of", "register_conversion"]
+__all__ = ["CONVERSIONS", "convert", "options_of", "register_conversion", "unknown_and_missing"]
 
 CONVERSIONS: dict[str, Callable] = {
     "gqa": convert_gqa,          # fewer KV heads (MHA -> GQA/MQA): a native checkpoint of the same family
@@ -45,6 +45,15 @@ def options_of(name: str) -> dict[str, object]:
     return {p.name: p.default for p in params}
 
 
+def unknown_and_missing(name: str, given, filled=()) -> tuple[list[str], list[str]]:
+    """The options in `given` that conversion `name` does not accept, and the required ones neither in `given` nor
+    in `filled` (options a caller will fill itself): the check `convert` makes before anything runs."""
+    accepted = options_of(name)
+    unknown = [k for k in given if k not in accepted]
+    missing = [k for k, v in accepted.items() if v is inspect.Parameter.empty and k not in given and k not in filled]
+    return unknown, missing
+
+
 def convert(model, conversion: str, /, **options):
     """A converted copy of `model` (which is not modified). conversion: a name in `CONVERSIONS`.
 
@@ -55,11 +64,10 @@ def convert(model, conversion: str, /, **options):
     if not isinstance(conversion, str) or conversion not in CONVERSIONS:
         raise HFAError(f"unknown conversion {conversion!r}; the conversions are: {', '.join(CONVERSIONS)}")
     accepted = options_of(conversion)
-    unknown = [k for k in options if k not in accepted]
+    unknown, missing = unknown_and_missing(conversion, options)
     if unknown:
         raise OptionError(f"conversion {conversion!r} got unknown option(s) {', '.join(map(repr, unknown))}; it "
                           f"accepts: {', '.join(accepted)}")
-    missing = [k for k, v in accepted.items() if v is inspect.Parameter.empty and k not in options]
     if missing:
         raise OptionError(f"conversion {conversion!r} needs option(s) {', '.join(map(repr, missing))} "
                           f"(accepted: {', '.join(accepted)})")
