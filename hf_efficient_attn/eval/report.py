@@ -223,6 +223,13 @@ def to_markdown(reports: list[ModelReport]) -> str:
 
 # -- files and plots ---------------------------------------------------------------------------------
 
+def _save_figure(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return path
+
+
 def _plots(reports: list[ModelReport], out: Path) -> list[Path]:
     try:
         import matplotlib
@@ -246,11 +253,7 @@ def _plots(reports: list[ModelReport], out: Path) -> list[Path]:
         ax.legend(fontsize=7, loc="best")
         ax.set_title("accuracy vs KV-cache size")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        p = out / "ppl_vs_kv_bytes.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save_figure(plt, fig, out / "ppl_vs_kv_bytes.png"))
     if any(r.speed for r in reports):
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in reports:
@@ -265,11 +268,7 @@ def _plots(reports: list[ModelReport], out: Path) -> list[Path]:
         ax.set_title(f"decode speed ({reports[0].protocol.get('device')})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = out / "decode_speed.png"
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save_figure(plt, fig, out / "decode_speed.png"))
     return paths
 
 
