@@ -404,7 +404,8 @@ def _gather_chunk(qc, kb, vb, kreal, entries, counts, c0, Sq, Sk, bm, bn, scale,
         acc = acc * a.unsqueeze(-1) + acc2 * a2.unsqueeze(-1)
         m = m_new
     if m is None:  # the chunk visits nothing
-        return (qc.new_zeros(B, Hkv, c, G, bm, vb.shape[-1]) + 0 * qc.sum(),
+        keep_graph = 0 * (qc.sum() + kb.sum() + vb.sum())  # zero gradients, not missing ones
+        return (qc.new_zeros(B, Hkv, c, G, bm, vb.shape[-1]) + keep_graph,
                 torch.full((B, Hkv, c, G, bm), -math.inf, dtype=acc_dtype, device=qc.device))
     # m here is each part's own max (or -inf); l and acc are relative to m_safe = m where finite
     empty = l == 0
@@ -423,7 +424,9 @@ def _gather_attention(q, k, v, layout, scale, causal, window, key_padding_mask, 
     nq, nk = _cdiv(Sq, bm), _cdiv(Sk, bn)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if Sq == 0 or Sk == 0 or nk == 0:
-        return q.new_zeros(B, Hq, Sq, Dv), torch.full((B, Hq, Sq), -math.inf, dtype=acc_dtype, device=q.device)
+        keep_graph = 0 * (q.sum() + k.sum() + v.sum())  # zero gradients, not missing ones
+        return (q.new_zeros(B, Hq, Sq, Dv) + keep_graph,
+                torch.full((B, Hq, Sq), -math.inf, dtype=acc_dtype, device=q.device))
     entries, counts = layout.visits(sink_tokens)
     entries, counts = entries.expand(B, Hkv, nq, -1), counts.expand(B, Hkv, nq)
     # -- blocked views: K/V (B * Hkv * nk, bn, D), queries (B, Hkv, nq, G, bm, D), real keys (B * Hkv * nk, bn)
