@@ -15,7 +15,8 @@ The facts per family:
 * ``qkv``: ``"separate"`` (q_proj, k_proj, v_proj, o_proj; biases where the config has them) or ``"fused"``
   (one ``qkv_proj`` whose rows are [q | k | v], then o_proj);
 * ``qk_norm``: per-head RMS norms of q and k before RoPE, one weight of size head_dim shared by all heads:
-  ``None`` (none), ``"w"`` (``x * w``, Qwen3) or ``"1+w"`` (``x * (1 + w)``, Gemma 3); ``norm`` names the class;
+  ``None`` (none), ``"w"`` (``x * w``, Qwen3) or ``"1+w"`` (``x * (1 + w)``, Gemma 3); ``norm`` names the class,
+  ``norm_layout`` the axes of the tensors it sees (``"bhsd"``: heads before tokens, Gemma 3; ``"bshd"``: Qwen3);
 * ``kv_heads``: whether the config has ``num_key_value_heads`` (GPT-NeoX is always MHA);
 * ``rope_per_layer_type``: one inv_freq per layer type (Gemma 3: local theta on sliding layers) rather than one
   for the model; the rotary dim is read from the inv_freq buffers (:func:`rotary_dim`);
@@ -52,6 +53,7 @@ class Family:
     qkv: str = "separate"             # "separate" | "fused"
     qk_norm: str | None = None        # None | "w" | "1+w": the form of its per-head q/k RMS norms
     norm: str | None = None           # the q/k norm's class, "models.<family>.modeling_<family>.<Class>"
+    norm_layout: str = "bhsd"         # the q/k norms' input and output: (B, H, S, D) (Gemma 3) or "bshd" (Qwen3)
     kv_heads: bool = True             # config.num_key_value_heads exists
     rope_per_layer_type: bool = False  # one inv_freq per layer type (config.layer_types)
 
@@ -92,7 +94,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen2", "Qwen2", "Qwen2Config", "Qwen2ForCausalLM", "models.qwen2.modeling_qwen2.Qwen2Attention",
            methods=("gqa", "linear")),
     Family("qwen3", "Qwen3", "Qwen3Config", "Qwen3ForCausalLM", "models.qwen3.modeling_qwen3.Qwen3Attention",
-           methods=("gqa", "mla", "linear"), qk_norm="w", norm="models.qwen3.modeling_qwen3.Qwen3RMSNorm"),
+           methods=("gqa", "mla", "linear"), qk_norm="w", norm="models.qwen3.modeling_qwen3.Qwen3RMSNorm",
+           norm_layout="bshd"),
     Family("gemma", "Gemma", "GemmaConfig", "GemmaForCausalLM", "models.gemma.modeling_gemma.GemmaAttention",
            methods=("gqa",)),
     Family("gemma2", "Gemma2", "Gemma2Config", "Gemma2ForCausalLM", "models.gemma2.modeling_gemma2.Gemma2Attention",

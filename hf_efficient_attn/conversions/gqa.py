@@ -47,6 +47,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from ..attention.families import FAMILIES as ALL_FAMILIES
+from ..attention.families import Family, attention_layers, rotary_dim
+from ..attention.families import family_of as _family_of
 from ..errors import HFAError, OptionError
 from .io import token_blocks
 from .toolkit import calibration_forward, provenance_record, with_provenance
@@ -59,47 +62,14 @@ __all__ = [
 ]
 
 
-# -- the model families: how each stores its attention projections ------------------------------------
+# -- the model families: their facts live in attention.families (the one table); GQA reads qkv and qk_norm ---
 
-@dataclass(frozen=True)
-class Family:
-    qkv: str               # "separate": q_proj, k_proj, v_proj (+ biases if present); "fused": qkv_proj rows [q|k|v]
-    qk_norm: bool = False  # q_norm/k_norm: RMSNorm over D before RoPE, one weight (D,) shared by all heads
-
-
-FAMILIES: dict[str, Family] = {   # model_type -> layout; one line adds a family with one of these layouts
-    "llama": Family("separate"),
-    "mistral": Family("separate"),
-    "qwen2": Family("separate"),
-    "qwen3": Family("separate", qk_norm=True),
-    "gemma": Family("separate"),
-    "gemma2": Family("separate"),
-    "gemma3_text": Family("separate", qk_norm=True),
-    "phi3": Family("fused"),
-}
+FAMILIES = {mt: fam for mt, fam in ALL_FAMILIES.items() if "gqa" in fam.methods}   # the families GQA supports
 
 
 def family_of(model) -> Family:
-    model_type = getattr(model.config, "model_type", None)
-    if model_type == "gpt_neox":
-        raise ValueError(
-            "GPT-NeoX cannot be converted to fewer KV heads: its modeling code has no num_key_value_heads "
-            "(every layer is MHA), so transformers could not load such a checkpoint")
-    if model_type not in FAMILIES:
-        raise ValueError(
-            f"GQA conversion does not support model_type {model_type!r} ({type(model).__name__}); supported: "
-            f"{', '.join(FAMILIES)}. A family whose attention has q_proj/k_proj/v_proj/o_proj (or a fused "
-            "qkv_proj) takes one line in FAMILIES in hf_efficient_attn/conversions/gqa.py")
-    return FAMILIES[model_type]
-
-
-def attention_layers(model) -> list[nn.Module]:
-    """The self-attention module of every decoder layer, in order."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(decoder, "layers", None)
-    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
-        raise ValueError(f"{type(model).__name__} has no decoder layers with a self_attn module")
-    return [layer.self_attn for layer in layers]
+    """The family-table entry of `model`, or a ValueError naming the families GQA supports."""
+    return _family_of(model, "gqa")
 
 
 def _heads(model) -> tuple[int, int, int]:
@@ -329,15 +299,6 @@ class RotationSpace:
         """A random allowed R (for tests and for building scrambled-but-exact models)."""
         m = torch.randn(self.head_dim, self.head_dim, generator=generator, dtype=dtype)
         return self.best(m)
-
-
-def rotary_dim(model) -> int:
-    """How many of each head's dims RoPE rotates (2 x the inv_freq buffers' length); RoPE pairs dim f with
-    f + rotary_dim // 2 (HF's rotate_half layout) and leaves dims rotary_dim.. D untouched."""
-    dims = {2 * b.numel() for n, b in model.named_buffers() if n.endswith("inv_freq") and "original" not in n}
-    if len(dims) != 1:
-        raise ValueError(f"cannot tell {type(model).__name__}'s rotary dimension from its inv_freq buffers {dims}")
-    return dims.pop()
 
 
 def _constant(weight: torch.Tensor, dims) -> bool:

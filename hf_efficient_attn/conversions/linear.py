@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ..attention.linear import FAMILIES, FEATURE_MAPS, LinearAttention, linear_model_class
+from ..attention.families import family_of, without_windows
+from ..attention.linear import FEATURE_MAPS, LinearAttention, linear_model_class
 from .toolkit import calibration_forward, config_fields, provenance_record, rebuild
 
 __all__ = ["LINEAR_NEW_MODULES", "attention_transfer_loss", "check_linear_student", "convert_linear", "linear_layers"]
@@ -37,12 +38,11 @@ def convert_linear(model, feature_map: str = "hedgehog", window: int = 64, layer
     feature_map: a name in ``attention.linear.FEATURE_MAPS``. window: tokens of exact softmax per query (its own
     included); 0 for pure linear attention. layers: indices of layers to KEEP as softmax attention (None: convert
     every layer). feature_dim: Hedgehog's projection size per head (default: the head dim; the map outputs twice
-    that). The model must be a decoder of a family in ``attention.linear.FAMILIES``. `model` is not modified.
+    that). The model must be a decoder of a family whose entry in ``attention.families.FAMILIES`` lists "linear".
+    `model` is not modified.
     """
-    family = getattr(model.config, "model_type", None)
-    if family not in FAMILIES:
-        raise ValueError(f"linear attention does not support model_type {family!r} ({type(model).__name__}); "
-                         f"supported: {', '.join(FAMILIES)}")
+    entry = family_of(model, "linear")
+    family = entry.model_type
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"unknown feature_map {feature_map!r}; the feature maps are: {', '.join(FEATURE_MAPS)}")
     if not isinstance(window, int) or isinstance(window, bool) or window < 0:
@@ -63,10 +63,9 @@ def convert_linear(model, feature_map: str = "hedgehog", window: int = 64, layer
     base = config_fields(model)
     if base.get("sliding_window") is not None or base.get("use_sliding_window"):
         # the model's masks must mark padding only: a sliding-window mask would hide the keys the linear part reads
+        # (a family whose RoPE follows the layer types keeps them: see attention.families.without_windows)
         opts["original_sliding_window"] = base.get("sliding_window")
-        base.update(sliding_window=None, use_sliding_window=False)
-        if base.get("layer_types"):
-            base["layer_types"] = ["full_attention"] * n
+        base = without_windows(entry, base)
     cfg_cls, lm_cls = linear_model_class(family)
     record = provenance_record("linear", model, **{k: v for k, v in opts.items() if k != "family"})
     return rebuild(model, cfg_cls, lm_cls, {**base, "hfa_linear": opts}, model.state_dict(), record,

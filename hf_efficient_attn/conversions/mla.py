@@ -34,8 +34,8 @@ data (the identity when there is none). Per layer, in float64:
 
 KV cache per token and layer: r + d_r values, against 2 Hkv D before.
 
-**qk-norm families (Gemma 3).** Gemma RMS-normalises each query and key head (q_norm, k_norm) before RoPE, so
-keys are not a linear map of x and [K_nope; V] has no factorization in x. It has one in the coordinates
+**qk-norm families (Gemma 3, Qwen3).** Gemma and Qwen3 RMS-normalise each query and key head (q_norm, k_norm)
+before RoPE, so keys are not a linear map of x and [K_nope; V] has no factorization in x. It has one in the coordinates
 u = [q_n; k_n; v] (normed queries, normed keys, values), where all three are linear (selections): steps 1-3
 run there unchanged (`_qk_norm_mla_layer`) with Sigma the second moments of u on calibration data
 (`feature_second_moments`), and the latent becomes kv_a_proj([k_n; v]), the RoPE key k_rope_proj(k_n)
@@ -51,8 +51,9 @@ from typing import NamedTuple
 
 import torch
 
-from ..attention.mla import Gemma3MLAConfig, Gemma3MLAForCausalLM, LlamaMLAConfig, LlamaMLAForCausalLM
-from .gqa import attention_layers, rotary_dim
+from ..attention.families import FAMILIES, attention_layers, family_of, layer_inv_freqs, rotary_dim
+from ..attention.families import Family as FamilyEntry
+from ..attention.mla import mla_model_class
 from .io import token_blocks
 from .toolkit import calibration_forward, config_fields, provenance_record, rebuild
 
@@ -64,30 +65,23 @@ METHODS = ("weights", "activations", "attention")
 
 
 class Family(NamedTuple):
-    """How one model family becomes MLA: its MLA config and model classes, and whether it has per-head q/k RMS
-    norms (then the factorization works on the normed features, see "qk-norm families" above)."""
+    """How one model family becomes MLA: its MLA config and model classes (``attention.mla.mla_model_class``), and
+    its table entry (``attention.families``): per-head q/k RMS norms make the factorization work on the normed
+    features (see "qk-norm families" above), in the norm's own gain form."""
 
     config_cls: type
     model_cls: type
     qk_norm: bool
+    entry: FamilyEntry
 
 
-SUPPORTED = {"llama": Family(LlamaMLAConfig, LlamaMLAForCausalLM, qk_norm=False),
-             "gemma3_text": Family(Gemma3MLAConfig, Gemma3MLAForCausalLM, qk_norm=True)}
-UNSUPPORTED = {
-    "qwen3": "Qwen3 RMS-normalises each key head (k_norm) before RoPE; the Gemma3 MLA module handles that, but no "
-             "Qwen3 MLA model class is written yet",
-}
+# the families MLA supports: the entries of the one family table that list it
+SUPPORTED = {mt: Family(*mla_model_class(mt), qk_norm=fam.qk_norm is not None, entry=fam)
+             for mt, fam in FAMILIES.items() if "mla" in fam.methods}
 
 
 def _check_family(model):
-    model_type = getattr(model.config, "model_type", None)
-    if model_type in UNSUPPORTED:
-        raise ValueError(f"MLA conversion does not support model_type {model_type!r}: {UNSUPPORTED[model_type]}. "
-                         f"Supported: {', '.join(SUPPORTED)}")
-    if model_type not in SUPPORTED:
-        raise ValueError(f"MLA conversion does not support model_type {model_type!r} ({type(model).__name__}); "
-                         f"supported: {', '.join(SUPPORTED)}")
+    family = SUPPORTED[family_of(model, "mla").model_type]
     if getattr(model.config, "attention_bias", False):
         raise ValueError("MLA conversion needs attention without q/k/v/o biases (config.attention_bias=True here)")
     if getattr(model.config, "attn_logit_softcapping", None) is not None:
@@ -95,7 +89,7 @@ def _check_family(model):
                          f"{model.config.attn_logit_softcapping}): the absorbed decode has no softcap")
     if getattr(model.config, "use_bidirectional_attention", False):
         raise ValueError("MLA conversion needs causal attention (config.use_bidirectional_attention=True here)")
-    return SUPPORTED[model_type]
+    return family
 
 
 def mla_ranks(model) -> dict:
@@ -151,28 +145,35 @@ def feature_second_moments(model, input_ids: torch.Tensor, batch_size: int = 4, 
     (normed queries and keys before RoPE, values) on `input_ids`, as (q blocks (Hq, D, D), kv block
     (2 Hkv D, 2 Hkv D)) float64. `mla_layer` never reads the q-q cross-head or q-kv terms, so they are not kept."""
     layers = attention_layers(model)
+    heads_first = family_of(model).norm_layout == "bhsd"     # the norms see (B, H, S, D), else (B, S, H, D)
     sums_q = [0.0] * len(layers)
     sums_kv = [0.0] * len(layers)
-    values, count = {}, [0]
+    keys, values, count = {}, {}, [0]
+
+    def add_kv(i):                          # once both the normed keys and the values of layer i are in
+        if i in keys and i in values:
+            u = torch.cat([keys.pop(i), values.pop(i)], dim=-1).double()
+            sums_kv[i] = sums_kv[i] + (u.T @ u).cpu()
+            if i == 0:
+                count[0] += u.shape[0]
 
     def on_v(i):
         def fn(mod, args, kwargs, out):
             values[i] = out.detach().reshape(-1, out.shape[-1])                  # (B S, Hkv D)
+            add_kv(i)
         return fn
 
     def on_q(i):
-        def fn(mod, args, kwargs, out):                                               # (B, Hq, S, D)
-            q = out.detach().double()
+        def fn(mod, args, kwargs, out):
+            q = (out if heads_first else out.transpose(1, 2)).detach().double()    # (B, Hq, S, D)
             sums_q[i] = sums_q[i] + torch.einsum("bhsd,bhse->hde", q, q).cpu()
         return fn
 
     def on_k(i):
-        def fn(mod, args, kwargs, out):                                               # (B, Hkv, S, D)
-            k = out.detach().transpose(1, 2).reshape(-1, out.shape[1] * out.shape[-1])
-            u = torch.cat([k, values.pop(i)], dim=-1).double()
-            sums_kv[i] = sums_kv[i] + (u.T @ u).cpu()
-            if i == 0:
-                count[0] += u.shape[0]
+        def fn(mod, args, kwargs, out):
+            k = (out.transpose(1, 2) if heads_first else out).detach()               # (B, S, Hkv, D)
+            keys[i] = k.reshape(-1, k.shape[2] * k.shape[3])
+            add_kv(i)
         return fn
 
     hooks = []
@@ -183,17 +184,17 @@ def feature_second_moments(model, input_ids: torch.Tensor, batch_size: int = 4, 
     return [(q / n, kv / n) for q, kv in zip(sums_q, sums_kv)]
 
 
-def weight_feature_moments(attn, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+def weight_feature_moments(attn, num_heads: int, num_kv_heads: int, family: FamilyEntry) -> torch.Tensor:
     """qk-norm families without data: Sigma_u = M M^T (Cu, Cu) float64 for u = [q_n; k_n; v] ~ M x with x ~ N(0, I)
-    and each per-head norm at its expected scale (RMS norm of W_h x -> (1 + w) W_h x / (||W_h||_F / sqrt(D)));
-    the analogue of the Llama "weights" method's identity Sigma."""
+    and each per-head norm at its expected scale (RMS norm of W_h x -> gain W_h x / (||W_h||_F / sqrt(D)), gain the
+    family's: 1 + w for Gemma, w for Qwen3); the analogue of the Llama "weights" method's identity Sigma."""
     d = attn.head_dim
     c = attn.q_proj.weight.shape[1]
 
     def normed(lin, norm, heads):
         w = lin.weight.detach().double().cpu().reshape(heads, d, c)
         rms = w.pow(2).sum((1, 2)).div(d).sqrt().clamp_min(1e-12)               # (heads,)
-        gain = 1.0 + norm.weight.detach().double().cpu()                         # Gemma's RMSNorm: x * (1 + w)
+        gain = family.norm_gain(norm.weight.detach().double().cpu())             # w, or Gemma's 1 + w
         return (gain[None, :, None] * w / rms[:, None, None]).reshape(heads * d, c)
 
     m = torch.cat([normed(attn.q_proj, attn.q_norm, num_heads), normed(attn.k_proj, attn.k_norm, num_kv_heads),
@@ -342,19 +343,8 @@ def mla_layer(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, sigma: to
                     kv_energy_kept=kept_energy, rope_key_energy_kept=rope_energy, kv_balance=alpha)
 
 
-def _layer_inv_freqs(model, num_layers: int) -> list[torch.Tensor]:
-    """Each layer's RoPE inv_freq (R/2,): per layer type where the model has several (Gemma 3: local theta on
-    sliding layers, global on full ones), else the one buffer."""
-    rotary = getattr(model.get_decoder(), "rotary_emb", None)
-    types = getattr(model.config, "layer_types", None)
-    if rotary is not None and types and all(hasattr(rotary, f"{t}_inv_freq") for t in types):
-        return [getattr(rotary, f"{t}_inv_freq").detach().cpu() for t in types]
-    inv_freq = next(b for n, b in model.named_buffers() if n.endswith("inv_freq") and "original" not in n)
-    return [inv_freq.detach().cpu()] * num_layers
-
-
 def _qk_norm_mla_layer(attn, moments, o_w, hq, hkv, rotary, kv_lora_rank, rope_dim, method, inv_freq,
-                       rope_distance, plane_weight=None) -> LayerMLA:
+                       rope_distance, plane_weight=None, *, family: FamilyEntry) -> LayerMLA:
     """`mla_layer` for a layer with per-head q/k norms, in the coordinates u = [q_n (Hq D); k_n (Hkv D); v (Hkv D)]
     where queries, keys and values are linear (selections): the RoPE key and the latent come out as maps of
     k_n and [k_n; v] (`Gemma3MLAAttention`). moments: `feature_second_moments` of this layer, or None (then
@@ -363,7 +353,7 @@ def _qk_norm_mla_layer(attn, moments, o_w, hq, hkv, rotary, kv_lora_rank, rope_d
     nq, nk = hq * d, hkv * d
     eye = torch.eye(nq + 2 * nk, dtype=torch.float64)
     q_u, k_u, v_u = (eye[a:b].reshape(-1, d, nq + 2 * nk) for a, b in ((0, nq), (nq, nq + nk), (nq + nk, nq + 2 * nk)))
-    implied = weight_feature_moments(attn, hq, hkv)
+    implied = weight_feature_moments(attn, hq, hkv, family)
     sigma = implied if moments is None else torch.block_diag(*moments[0], moments[1])
     lay = mla_layer(q_u, k_u, v_u, sigma, rotary, kv_lora_rank, rope_dim, method, o_w, inv_freq, rope_distance,
                     factor_sigma=implied if method == "weights" else None, plane_weight=plane_weight)
@@ -382,7 +372,8 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "attentio
                 dropped_rope: str = "keep", rope_distance: int = 512, rope_ranking: str = "rotation",
                 progress: bool = False):
     """A copy of `model` with MLA attention (`model` is not modified): a `LlamaMLAForCausalLM` from a Llama, a
-    `Gemma3MLAForCausalLM` from a Gemma 3 text model.
+    `Qwen3MLAForCausalLM` from a Qwen3, a `Gemma3MLAForCausalLM` from a Gemma 3 text model (the families whose
+    entry in ``attention.families.FAMILIES`` lists "mla").
 
     kv_lora_rank: r, the latent size (1 .. 2 Hkv D - rope_dim; the maximum is lossless). rope_dim: d_r, the
     size of the RoPE key shared by all heads (even, 2 .. Hkv * rotary_dim; the maximum keeps every RoPE
@@ -426,7 +417,7 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "attentio
                                                                                         progress)
         record.update(calibration_tokens=int(ids.numel()), seq_len=seq_len)
 
-    inv_freqs = _layer_inv_freqs(model, len(layers))
+    inv_freqs = layer_inv_freqs(model)
     per_layer = []
     for i, attn in enumerate(layers):
         o_w = attn.o_proj.weight.detach().double().cpu().reshape(c, hq, d)
@@ -434,7 +425,8 @@ def convert_mla(model, kv_lora_rank: int, rope_dim: int, method: str = "attentio
         plane_weight = rotation_weight(inv_freqs[i], rope_distance) if rope_ranking == "rotation" else None
         if family.qk_norm:
             per_layer.append(_qk_norm_mla_layer(attn, None if moments is None else moments[i], o_w, hq, hkv, rot,
-                                                kv_lora_rank, rope_dim, method, inv_freq, rope_distance, plane_weight))
+                                                kv_lora_rank, rope_dim, method, inv_freq, rope_distance, plane_weight,
+                                                family=family.entry))
             continue
         w = lambda lin, h: lin.weight.detach().double().cpu().reshape(h, d, c)
         sigma = torch.eye(c, dtype=torch.float64) if moments is None else moments[i]

@@ -35,6 +35,12 @@ def test_every_entry_resolves_and_states_the_real_layout(model_type):
             norm.weight.normal_()
         rms = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         torch.testing.assert_close(norm(x), rms * fam.norm_gain(norm.weight.detach()))   # the stated gain form
+        seen = []
+        attn.k_norm.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+        with torch.no_grad():
+            model(input_ids=torch.arange(3, 10)[None])       # 7 tokens: no head count is 7
+        heads = model.config.num_key_value_heads
+        assert seen[0][1 if fam.norm_layout == "bhsd" else 2] == heads and 7 in seen[0]   # the stated layout
     assert fam.kv_heads == hasattr(model.config, "num_key_value_heads")
 
 

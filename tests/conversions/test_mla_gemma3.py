@@ -13,7 +13,8 @@ import transformers
 
 from hf_efficient_attn.attention.mla import Gemma3MLAAttention, Gemma3MLAForCausalLM, latent_cache
 from hf_efficient_attn.conversions import convert, load, save
-from hf_efficient_attn.conversions.mla import MLA_TRAINABLE, _layer_inv_freqs, mla_ranks
+from hf_efficient_attn.attention.families import layer_inv_freqs
+from hf_efficient_attn.conversions.mla import MLA_TRAINABLE, mla_ranks
 from hf_efficient_attn.eval import kv_cache_bytes
 from tests.tiny_models import W, make_model
 from tests.tolerances import assert_close_rms
@@ -48,7 +49,7 @@ def test_full_rank_reproduces_the_logits_past_the_window(method, attn):
 
 def test_full_rank_with_expected_rotation_is_exact_and_each_layer_uses_its_own_rope():
     model = tiny_gemma3()
-    local, full, _ = _layer_inv_freqs(model, 3)
+    local, full, _ = layer_inv_freqs(model)
     assert not torch.allclose(local, full)           # local theta 1e4 on sliding layers, global 1e6
     assert torch.equal(local, model.model.rotary_emb.sliding_attention_inv_freq)
     assert torch.equal(full, model.model.rotary_emb.full_attention_inv_freq)
