@@ -27,9 +27,9 @@ from . import errors  # noqa: E402  the user-error types; standard library only
 from .errors import HFAError  # noqa: E402
 
 try:
-    from .attention import is_patched, patch, patched, unpatch  # registers "hfa", "hfa_triton", "hfa_reference"
-    from .conversions import convert, distill, expand_kv_heads, load, save  # every conversion, listed in CONVERSIONS
-    from .eval import kv_cache_bytes, load_model, load_text, perplexity
+    from .attention import is_patched, patch, patched, unpatch  # noqa: F401  registers "hfa", "hfa_triton", "hfa_reference"
+    from .conversions import convert, distill, expand_kv_heads, load, save  # noqa: F401  every conversion, listed in CONVERSIONS
+    from .eval import kv_cache_bytes, load_model, load_text, perplexity  # noqa: F401
 except ModuleNotFoundError as _e:
     if _e.name != "transformers":
         raise

@@ -3,7 +3,6 @@ awkward shapes; the hybrid's parallel form equals a per-query loop, splits into 
 context exactly (what decoding relies on), reduces to softmax attention when the window covers
 everything, and ignores padded keys."""
 
-import math
 
 import pytest
 import torch
@@ -239,8 +238,7 @@ def test_hybrid_padded_keys_change_nothing():
 
 
 def test_hybrid_varlen_equals_each_sequence_alone():
-    lengths = [6, 1, 9]
-    cu = torch.tensor([0, 6, 7, 16])
+    cu = torch.tensor([0, 6, 7, 16])  # lengths 6, 1, 9
     q, k, v, fq, fk, gate = hybrid_inputs(B=1, T=16, Sq=16)
     out, (s, _) = hybrid_attention_reference(q, k, v, fq, fk, window=3, window_factor=gate, cu_seqlens=cu,
                                              return_state=True)

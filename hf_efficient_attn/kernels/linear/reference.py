@@ -360,7 +360,7 @@ def hybrid_attention_chunked(q, k, v, fq, fk, *, window, window_factor=1.0, scal
                                                  key_padding_mask=key_padding_mask)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    acc, g = _acc_dtype(v), H // Hkv
+    acc = _acc_dtype(v)
     fk_real = fk if key_padding_mask is None else fk * key_padding_mask[:, None, :, None].to(fk.dtype)
     s, z = (x.to(acc) for x in initial_state) if initial_state is not None else \
         _zero_state(B, Hkv, F, D, acc, q.device)

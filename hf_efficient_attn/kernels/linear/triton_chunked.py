@@ -50,7 +50,6 @@ from ..triton_utils import (
     KERNEL_DTYPES,
     dot_flags,
     f32_precision,
-    interpreting,
     last_dim_contiguous,
     pad_dim,
     record_build,
