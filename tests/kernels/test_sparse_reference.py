@@ -117,6 +117,10 @@ def test_gather_path_equals_dense_mask(name):
     out, lse = _check_exact(q, k, v, lay, max_chunk_scores=2000, **opts)  # small chunks: several steps
     again, _ = block_sparse_attention_reference(q, k, v, lay, **opts)  # one step
     torch.testing.assert_close(again, out, rtol=0, atol=1e-12)
+    with torch.no_grad():  # the in-place path with reused buffers
+        fast, fast_lse = block_sparse_attention_reference(q, k, v, lay, max_chunk_scores=2000, **opts)
+    torch.testing.assert_close(fast, out.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(fast_lse, lse.detach(), rtol=0, atol=1e-12)
 
 
 def test_full_layout_equals_dense_attention():

@@ -326,29 +326,57 @@ def _split_visits(entries, counts, c0, Sq, Sk, bm, bn, causal, window, sink_toke
     return lists
 
 
-def _gather_part(qc, kb, vb, kreal, entries, counts, c0, Sq, Sk, bm, bn, causal, window, sink_tokens, cut):
+class _Workspace:
+    """Buffers reused from chunk to chunk when no gradient is needed: on CPU a fresh multi-MiB tensor per chunk
+    costs its page faults again every time (the allocator hands large blocks back to the OS)."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, name, shape, dtype, device):
+        n = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            buf = self.buffers[name] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+
+def _gather_part(qc, kb, vb, kreal, entries, counts, c0, Sq, Sk, bm, bn, causal, window, sink_tokens, cut, ws):
     """Unnormalised softmax of query blocks c0 .. c0 + c over the listed KV blocks: (m, l, acc) per row.
 
     qc: (B, Hkv, c, G * bm, D), already scaled; kb / vb: (B * Hkv * nk, bn, D|Dv); kreal: (B * Hkv * nk, bn)
-    bool (real keys); entries / counts: (B, Hkv, c, E) / (B, Hkv, c); cut: apply the token-position rules
-    (else the blocks are whole and only padding and real keys matter)."""
+    bool (real keys) or None (all are); entries / counts: (B, Hkv, c, E) / (B, Hkv, c); cut: apply the token-position rules
+    (else the blocks are whole and only padding and real keys matter); ws: a _Workspace (no gradient: every
+    step in place) or None."""
     B, Hkv, c, Gbm, D = qc.shape
     E = entries.shape[-1]
     nk = kb.shape[0] // (B * Hkv)
     dev = qc.device
-    inplace = not torch.is_grad_enabled()
+    inplace = ws is not None
     # -- gather the KV blocks: (B * Hkv * c, E * bn, D)
     blk = torch.where(entries >= 0, entries, -1 - entries).long()
     valid = torch.arange(E, device=dev) < counts.unsqueeze(-1)
     blk = torch.where(valid, blk, 0)
     base = (torch.arange(B, device=dev)[:, None] * Hkv + torch.arange(Hkv, device=dev)[None, :]) * nk
     flat = (base[:, :, None, None] + blk).reshape(-1)
-    kg = kb.index_select(0, flat).view(B * Hkv * c, E * bn, D).to(qc.dtype)
-    vg = vb.index_select(0, flat).view(B * Hkv * c, E * bn, vb.shape[-1]).to(qc.dtype)
+    # (2-D index_select: whole blocks as rows copy at memcpy speed; on a 3-D view it is several times slower)
+    if inplace and kb.dtype == qc.dtype:
+        kg = torch.index_select(kb.flatten(1), 0, flat, out=ws.get("k", (flat.numel(), bn * D), kb.dtype, dev))
+        vg = torch.index_select(vb.flatten(1), 0, flat, out=ws.get("v", (flat.numel(), vb[0].numel()), vb.dtype, dev))
+    else:
+        kg, vg = kb.flatten(1).index_select(0, flat), vb.flatten(1).index_select(0, flat)
+    kg = kg.view(B * Hkv * c, E * bn, D).to(qc.dtype)
+    vg = vg.view(B * Hkv * c, E * bn, vb.shape[-1]).to(qc.dtype)
     # -- which keys: real ones of listed blocks (a column bias), and in cut blocks the position rules
-    key_ok = kreal.index_select(0, flat).view(B, Hkv, c, E * bn) & valid.repeat_interleave(bn, dim=-1)
+    key_ok = valid.repeat_interleave(bn, dim=-1)
+    if kreal is not None:
+        key_ok = key_ok & kreal.index_select(0, flat).view(B, Hkv, c, E * bn)
     q2 = qc.flatten(0, 2)
-    if bool(key_ok.all()):
+    if inplace:
+        s = torch.bmm(q2, kg.transpose(1, 2), out=ws.get("s", (B * Hkv * c, Gbm, E * bn), qc.dtype, dev))
+        if not bool(key_ok.all()):
+            s.view(B, Hkv, c, Gbm, E * bn).masked_fill_(~key_ok.unsqueeze(3), -math.inf)
+    elif bool(key_ok.all()):
         s = torch.bmm(q2, kg.transpose(1, 2))
     else:
         bias = torch.zeros(key_ok.shape, dtype=qc.dtype, device=dev).masked_fill_(~key_ok, -math.inf)
@@ -378,7 +406,7 @@ def _gather_part(qc, kb, vb, kreal, entries, counts, c0, Sq, Sk, bm, bn, causal,
 
 
 def _gather_chunk(qc, kb, vb, kreal, entries, counts, c0, Sq, Sk, bm, bn, scale, causal, window, sink_tokens,
-                  acc_dtype):
+                  acc_dtype, ws=None):
     """Attention of query blocks c0 .. c0 + c over the KV blocks each one visits: the blocks the token rules
     leave whole, then the blocks they cut, merged by log-sum-exp.
 
@@ -391,7 +419,7 @@ def _gather_chunk(qc, kb, vb, kreal, entries, counts, c0, Sq, Sk, bm, bn, scale,
         if ent.shape[-1] == 0:
             continue
         m2, l2, acc2 = _gather_part(qc, kb, vb, kreal, ent, cnt, c0, Sq, Sk, bm, bn, causal, window, sink_tokens,
-                                    cut)
+                                    cut, ws)
         if m is None:
             m, l, acc = m2, l2, acc2  # noqa: E741
             continue
@@ -433,11 +461,14 @@ def _gather_attention(q, k, v, layout, scale, causal, window, key_padding_mask, 
     kb = torch.nn.functional.pad(k, (0, 0, 0, nk * bn - Sk)).reshape(B * Hkv * nk, bn, D)
     vb = torch.nn.functional.pad(v, (0, 0, 0, nk * bn - Sk)).reshape(B * Hkv * nk, bn, Dv)
     qb = torch.nn.functional.pad(q, (0, 0, 0, nq * bm - Sq)).view(B, Hkv, G, nq, bm, D).transpose(2, 3)
-    kreal = torch.arange(nk * bn, device=q.device) < Sk
-    kreal = kreal[None] if key_padding_mask is None else kreal & torch.nn.functional.pad(
-        key_padding_mask.to(q.device).bool(), (0, nk * bn - Sk))
-    kreal = kreal.view(-1, 1, nk, bn).expand(B, Hkv, nk, bn).reshape(B * Hkv * nk, bn)
+    kreal = None  # None: every key is real
+    if key_padding_mask is not None or Sk % bn:
+        kreal = torch.arange(nk * bn, device=q.device) < Sk
+        kreal = kreal[None] if key_padding_mask is None else kreal & torch.nn.functional.pad(
+            key_padding_mask.to(q.device).bool(), (0, nk * bn - Sk))
+        kreal = kreal.view(-1, 1, nk, bn).expand(B, Hkv, nk, bn).reshape(B * Hkv * nk, bn)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    ws = None if torch.is_grad_enabled() else _Workspace()
     outs, lses = [], []
     c0 = 0
     count_max = counts.amax(dim=(0, 1)).tolist()  # visits per query block, the most over rows and heads
@@ -451,7 +482,7 @@ def _gather_attention(q, k, v, layout, scale, causal, window, key_padding_mask, 
             width, c1 = w, c1 + 1
         args = (qb[:, :, c0:c1], kb, vb, kreal, entries[:, :, c0:c1, :width], counts[:, :, c0:c1], c0, Sq, Sk,
                 bm, bn, scale, causal, window, sink_tokens, acc_dtype)
-        o, lse = checkpoint(_gather_chunk, *args, use_reentrant=False) if needs_grad else _gather_chunk(*args)
+        o, lse = checkpoint(_gather_chunk, *args, use_reentrant=False) if needs_grad else _gather_chunk(*args, ws)
         outs.append(o)
         lses.append(lse)
         c0 = c1
