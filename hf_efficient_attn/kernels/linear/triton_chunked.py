@@ -47,13 +47,12 @@ import triton
 import triton.language as tl
 
 from ..triton_utils import (
-    KERNEL_DTYPES,
     dot_flags,
+    inputs_unsupported_reason,
     f32_precision,
     last_dim_contiguous,
     pad_dim,
     record_build,
-    triton_unavailable_reason,
 )
 from ..triton_utils.jit import dot, seq_bounds
 from .reference import check_linear_inputs
@@ -712,17 +711,9 @@ class LinearAttentionFunction(torch.autograd.Function):
 def linear_triton_unsupported_reason(q, k, v, *, log_decay=None, initial_state=None, cu_seqlens=None) -> str | None:
     """None when the Triton kernels compute this call; else a short reason (fall back to
     `linear_attention_chunked` / `linear_attention_recurrent`). Shapes are not validated here."""
-    tensors = [t for t in (q, k, v, log_decay, cu_seqlens, *(initial_state or ())) if t is not None]
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        return f"inputs on different devices ({', '.join(sorted(str(d) for d in devices))})"
-    why = triton_unavailable_reason(q.device)
+    why = inputs_unsupported_reason(dict(q=q, k=k, v=v), extra=(log_decay, cu_seqlens, *(initial_state or ())))
     if why is not None:
         return why
-    if q.dtype not in KERNEL_DTYPES:
-        return f"dtype {str(q.dtype).replace('torch.', '')}"
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"mixed dtypes (q {q.dtype}, k {k.dtype}, v {v.dtype})"
     if log_decay is not None and not log_decay.is_floating_point():
         return f"log_decay of dtype {log_decay.dtype}"
     dim = max(q.shape[-1], v.shape[-1])

@@ -53,14 +53,13 @@ import triton
 import triton.language as tl
 
 from ..triton_utils import (
-    KERNEL_DTYPES,
     LOG2E,
     dot_flags,
+    inputs_unsupported_reason,
     interpreting,
     last_dim_contiguous,
     pad_dim,
     record_build,
-    triton_unavailable_reason,
 )
 from ..triton_utils.jit import dot, seq_bounds
 from .reference import _check_hybrid, _window_factor, check_linear_inputs
@@ -77,18 +76,10 @@ def hybrid_unsupported_reason(q, k, v, fq, fk, *, window=None, initial_state=Non
                               cu_seqlens=None, **_ignored) -> str | None:
     """None when :func:`hybrid_attention_triton` computes this call; else a short reason (fall back to
     ``hybrid_attention_reference`` / ``hybrid_attention_chunked``). Shapes are not validated here."""
-    tensors = [q, k, v, fq, fk] + [t for t in (key_padding_mask, cu_seqlens, *(initial_state or ())) if t is not None]
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        return f"inputs on different devices ({', '.join(sorted(str(d) for d in devices))})"
-    why = triton_unavailable_reason(q.device)
+    why = inputs_unsupported_reason(dict(q=q, k=k, v=v, fq=fq, fk=fk),
+                                    extra=(key_padding_mask, cu_seqlens, *(initial_state or ())))
     if why is not None:
         return why
-    dtypes = (q.dtype, k.dtype, v.dtype, fq.dtype, fk.dtype)
-    if len(set(dtypes)) > 1:
-        return "mixed dtypes (q, k, v, fq, fk: " + ", ".join(str(d).replace("torch.", "") for d in dtypes) + ")"
-    if q.dtype not in KERNEL_DTYPES:
-        return f"dtype {str(q.dtype).replace('torch.', '')}"
     for name, d in (("head_dim", q.shape[-1]), ("feature_dim", fq.shape[-1]), ("value_dim", v.shape[-1])):
         if d > MAX_DIM:
             return f"{name} {d} > {MAX_DIM}"

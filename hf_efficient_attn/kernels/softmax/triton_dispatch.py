@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..triton_utils import KERNEL_DTYPES, MAX_HEAD_DIM, max_seqlen, triton_unavailable_reason
+from ..triton_utils import MAX_HEAD_DIM, inputs_unsupported_reason, max_seqlen
 from .reference import check_attention_inputs
 
 __all__ = ["triton_unsupported_reason", "triton_softmax_attention"]
@@ -28,10 +28,7 @@ def triton_unsupported_reason(q, k, v, *, scale=None, causal=False, window=None,
 
     Shapes are not validated here (the kernels raise ValueError on bad input, like the reference).
     """
-    devices = {t.device for t in (q, k, v)}
-    if len(devices) > 1:
-        return f"q, k, v on different devices ({', '.join(sorted(str(d) for d in devices))})"
-    why = triton_unavailable_reason(q.device)
+    why = inputs_unsupported_reason(dict(q=q, k=k, v=v), extra=(sinks, key_padding_mask))
     if why is not None:
         return why
     if attn_mask is not None:
@@ -40,10 +37,6 @@ def triton_unsupported_reason(q, k, v, *, scale=None, causal=False, window=None,
         return "dropout"
     if sinks is not None and sinks.dim() != 1:
         return "per-query sinks; the kernels take one sink logit per head"
-    if q.dtype not in KERNEL_DTYPES:
-        return f"dtype {str(q.dtype).replace('torch.', '')}"
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"mixed dtypes (q {q.dtype}, k {k.dtype}, v {v.dtype})"
     head_dim = max(q.shape[-1], v.shape[-1])
     if head_dim > MAX_HEAD_DIM:
         return f"head_dim {head_dim} > {MAX_HEAD_DIM}"

@@ -21,7 +21,7 @@ import os
 import torch
 
 __all__ = ["KERNEL_DTYPES", "LN2", "LOG2E", "MAX_HEAD_DIM", "MIN_KEYS_PER_SPLIT", "auto_num_splits", "cu_seqlens_arg",
-           "dot_flags", "f32_precision", "interpreting", "key_padding_arg", "last_dim_contiguous", "max_seqlen",
+           "dot_flags", "f32_precision", "inputs_unsupported_reason", "interpreting", "key_padding_arg", "last_dim_contiguous", "max_seqlen",
            "num_sms", "pad_dim", "record_build", "triton_unavailable_reason"]
 
 LOG2E = 1.4426950408889634  # 1/ln 2: exp(x) = exp2(x * LOG2E); kernels keep scores in base 2
@@ -66,6 +66,26 @@ def triton_unavailable_reason(device) -> str | None:
         return f"tensors on {device.type} and TRITON_INTERPRET is not 1"
     if not all(_BUILT.values()):
         return f"tensors on {device.type} and the kernels were imported before TRITON_INTERPRET=1 was set"
+    return None
+
+
+def inputs_unsupported_reason(named: dict, extra=()) -> str | None:
+    """What every kernel's ``*_unsupported_reason`` checks first, or None: all inputs (`named` {name: tensor}
+    and the optional `extra` ones, None skipped) on one device, Triton able to run there, the `named` ones in one
+    dtype, and that dtype one the kernels take."""
+    tensors = [t for t in (*named.values(), *extra) if t is not None]
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        return f"inputs on different devices ({', '.join(sorted(str(d) for d in devices))})"
+    why = triton_unavailable_reason(tensors[0].device)
+    if why is not None:
+        return why
+    dtypes = {name: str(t.dtype).replace("torch.", "") for name, t in named.items() if t is not None}
+    if len(set(dtypes.values())) > 1:
+        return "mixed dtypes (" + ", ".join(f"{name} {d}" for name, d in dtypes.items()) + ")"
+    dtype = next(t.dtype for t in named.values() if t is not None)
+    if dtype not in KERNEL_DTYPES:
+        return f"dtype {str(dtype).replace('torch.', '')}"
     return None
 
 
