@@ -3,6 +3,8 @@
 #   1. the kernel tests on CUDA: pytest -m "triton_interpret or gpu" tests/kernels
 #   2. the benchmarks: kernels/bench_attention.py --quick (Triton vs torch SDPA, flash-attn if installed)
 #   3. kernels/bench_linear.py --quick (Triton linear attention vs its PyTorch chunked form and softmax)
+#   4. kernels/bench_sparse.py --quick (Triton block-sparse at 32k, 10% density, vs our dense Triton kernels),
+#      in the time the first three left of 585 s (at most 150 s), so the whole check still fits one 10-minute call
 # Logs and JSON go to $OUT (default ./out); the short tables are printed last. Sized to finish in
 # under 10 minutes on one H100 (each step has its own time limit, 570 s in all, so a hang cannot eat the
 # budget; a step cut short still leaves its log in $OUT).
@@ -36,8 +38,20 @@ echo "== linear attention benchmark (limit 150 s) =="
 timeout 150 python kernels/bench_linear.py --quick --json "$OUT/bench_linear.json" > "$OUT/bench_linear.log" 2>&1
 linear_rc=$?
 
+left=$((585 - (SECONDS - start)))
+[ "$left" -gt 150 ] && left=150
+if [ "$left" -ge 40 ]; then
+  echo "== sparse attention benchmark (limit $left s) =="
+  timeout "$left" python kernels/bench_sparse.py --quick --json "$OUT/bench_sparse.json" > "$OUT/bench_sparse.log" 2>&1
+  sparse_rc=$?
+else
+  echo "== sparse attention benchmark: skipped, $left s left (run: python kernels/bench_sparse.py --quick) =="
+  echo "skipped: $left s left of the check's 585 s" > "$OUT/bench_sparse.log"
+  sparse_rc=skipped
+fi
+
 echo
-echo "== summary after $((SECONDS - start)) s: tests rc=$tests_rc, benchmark rc=$bench_rc, linear benchmark rc=$linear_rc =="
+echo "== summary after $((SECONDS - start)) s: tests rc=$tests_rc, benchmark rc=$bench_rc, linear benchmark rc=$linear_rc, sparse benchmark rc=$sparse_rc =="
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 1
 if [ "$bench_rc" -eq 0 ]; then
   grep -E "^(#|\|)" "$OUT/bench.log"
@@ -49,4 +63,9 @@ if [ "$linear_rc" -eq 0 ]; then
 else
   tail -n 30 "$OUT/bench_linear.log"
 fi
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$linear_rc" -eq 0 ]
+if [ "$sparse_rc" = 0 ]; then
+  grep -E "^(#|\|)" "$OUT/bench_sparse.log"
+else
+  tail -n 30 "$OUT/bench_sparse.log"
+fi
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$linear_rc" -eq 0 ] && { [ "$sparse_rc" = 0 ] || [ "$sparse_rc" = skipped ]; }
