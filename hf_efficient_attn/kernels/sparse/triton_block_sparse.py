@@ -36,18 +36,17 @@ import triton
 import triton.language as tl
 
 from ..triton_utils import (
-    KERNEL_DTYPES,
     LOG2E,
     MAX_HEAD_DIM,
     auto_num_splits,
     cu_seqlens_arg,
     dot_flags,
+    inputs_unsupported_reason,
     key_padding_arg,
     last_dim_contiguous,
     max_seqlen,
     pad_dim,
     record_build,
-    triton_unavailable_reason,
 )
 from ..triton_utils.jit import LN2_K, LOG2E_K, dot, merge_splits, seq_bounds
 from .reference import BlockLayout, check_block_sparse_inputs
@@ -558,16 +557,9 @@ def block_sparse_unsupported_reason(q, k, v, layout, *, key_padding_mask=None, c
     """None when the Triton kernels compute this call exactly; else a short reason (use the reference then).
 
     Shapes are not validated here (the functions raise ValueError on bad input, like the reference)."""
-    devices = {t.device for t in (q, k, v)}
-    if len(devices) > 1:
-        return f"q, k, v on different devices ({', '.join(sorted(str(d) for d in devices))})"
-    why = triton_unavailable_reason(q.device)
+    why = inputs_unsupported_reason(dict(q=q, k=k, v=v), extra=(key_padding_mask, cu_seqlens_q, cu_seqlens_k))
     if why is not None:
         return why
-    if q.dtype not in KERNEL_DTYPES:
-        return f"dtype {str(q.dtype).replace('torch.', '')}"
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"mixed dtypes (q {q.dtype}, k {k.dtype}, v {v.dtype})"
     head_dim = max(q.shape[-1], v.shape[-1])
     if head_dim > MAX_HEAD_DIM:
         return f"head_dim {head_dim} > {MAX_HEAD_DIM}"
@@ -581,7 +573,8 @@ def _prepare(name, q, k, v, layout, scale, causal, window, key_padding_mask, sin
              cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     check_block_sparse_inputs(q, k, v, layout, key_padding_mask=key_padding_mask, window=window,
                               sink_tokens=sink_tokens, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    reason = block_sparse_unsupported_reason(q, k, v, layout)
+    reason = block_sparse_unsupported_reason(q, k, v, layout, key_padding_mask=key_padding_mask,
+                                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     if reason is not None:
         raise ValueError(f"{name} cannot serve this call: {reason}; use block_sparse_attention_reference")
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
