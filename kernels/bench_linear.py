@@ -25,6 +25,7 @@ Hybrid (LoLCATs: sliding-window softmax + linear, one normaliser; see `bench_hyb
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -81,7 +82,7 @@ def main(argv=None):
         leaves = [t.detach().requires_grad_() for t in inputs]
         y = attn(*leaves)
         dy = torch.randn_like(y)
-        bwd = bench_ms(lambda: y.backward(dy, retain_graph=True), grad_to_none=leaves)
+        bwd = bench_ms(functools.partial(y.backward, dy, retain_graph=True), grad_to_none=leaves)
         del y, leaves
         return fwd, bwd, out
 
@@ -132,7 +133,7 @@ def main(argv=None):
     # -- decode: the device's copy bandwidth, then one token against the state (and softmax against a cache)
     n_copy = (1 << 30) if device == "cuda" else (1 << 20)
     buf = torch.empty(n_copy, dtype=torch.uint8, device=device)
-    copy_gbs = 2 * n_copy / bench_ms(lambda: buf.clone()) / 1e6  # read + write
+    copy_gbs = 2 * n_copy / bench_ms(buf.clone) / 1e6  # read + write
     del buf
     if args.dry_run:
         batches, cache = (2,), 64
