@@ -8,6 +8,7 @@ import torch
 
 from .backends import BACKENDS, triton_can_run
 from .registry import BACKEND_OF_IMPL, IMPL_NAMES
+from .sparse.apply import attach, detach, pattern_of
 
 _SAVED_ATTR = "_hfa_saved_attn_implementation"
 _SAVED_BACKENDS = "_hfa_saved_module_backends"
@@ -56,17 +57,26 @@ def is_patched(model) -> bool:
     return model.config._attn_implementation in BACKEND_OF_IMPL
 
 
-def patch(model, backend: str = "auto"):
+def patch(model, backend: str = "auto", sparse=None):
     """Make every attention layer of ``model`` run on our kernels; returns the same model.
 
     backend: "auto" (Triton on CUDA where it serves the call, else an exact fallback: torch SDPA or
     the blockwise reference), "triton" (only Triton; error where it cannot run), "reference" (the
     blockwise plain-PyTorch reference). Patching twice is harmless; :func:`unpatch` restores the
     implementation the model had before the first patch.
+
+    sparse: a training-free pattern from :mod:`hf_efficient_attn.attention.sparse` (``hfa.sparse.top_p(0.9)``,
+    ``streaming``, ``longformer``, ``dilated``, ``vertical_slash``, ``lsh``): prefill runs on the block-sparse
+    kernels (backend "auto": Triton on CUDA where they serve the call, else the PyTorch block-gather path), decode
+    steps stay dense unless the pattern has a decode rule, sliding-window layers keep their window, and calls a
+    pattern cannot compute exactly (softcap, attention sinks, explicit masks) raise a ValueError. None (default):
+    dense attention (a pattern from an earlier patch is removed). ``hfa.sparse.density(model)`` reports what ran.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     _check_model(model)
+    if sparse is not None:
+        _check_sparse(model, sparse)
     if backend == "triton":
         reason = triton_can_run(_model_device(model))
         if reason is not None:
@@ -85,7 +95,23 @@ def patch(model, backend: str = "auto"):
                          f"{type(model).__name__}; the model is left unchanged")
     for _, m in _converted_modules(model):   # one backend rule: converted modules follow the same choice
         m.backend = backend
+    if sparse is None:
+        detach(model)
+    else:
+        attach(model, sparse)
     return model
+
+
+def _check_sparse(model, pattern) -> None:
+    from .sparse import SparsePattern
+    if not isinstance(pattern, SparsePattern):
+        raise TypeError(f"sparse= takes a pattern from hfa.sparse (streaming, longformer, dilated, vertical_slash, "
+                        f"top_p, lsh, full), got {type(pattern).__name__}")
+    converted = _converted_modules(model)
+    if converted:  # their attention is not softmax through the registry: a pattern would silently not apply
+        name, m = converted[0]
+        raise ValueError(f"sparse patterns apply to softmax attention layers; {name} is a converted "
+                         f"{type(m).__name__}, which computes its own attention. Patch it without sparse=.")
 
 
 def unpatch(model):
@@ -101,6 +127,7 @@ def unpatch(model):
         return model
     model.set_attn_implementation(saved)
     _restore_backends(model, model.__dict__.pop(_SAVED_BACKENDS, {}))
+    detach(model)
     return model
 
 
@@ -111,17 +138,22 @@ def _restore_backends(model, saved: dict) -> None:
 
 
 @contextlib.contextmanager
-def patched(model, backend: str = "auto"):
+def patched(model, backend: str = "auto", sparse=None):
     """Context manager: the model is patched inside the block and restored after it, even on error."""
     was_patched = is_patched(model)
     before = model.config._attn_implementation
     backends_before = {name: m.backend for name, m in _converted_modules(model)}
-    patch(model, backend=backend)
+    pattern_before = pattern_of(model)
+    patch(model, backend=backend, sparse=sparse)
     try:
         yield model
     finally:
         if was_patched:
             model.set_attn_implementation(before)
             _restore_backends(model, backends_before)
+            if pattern_before is None:
+                detach(model)
+            else:
+                attach(model, pattern_before)
         else:
             unpatch(model)

@@ -24,6 +24,11 @@ kwarg, no padding (what SDPA does with None).
 softcap, s_aux and per-query sinks, position_bias, is_causal, packed-sequence lengths), known to be
 harmless (``HARMLESS_KWARGS``), or unknown: then backend "auto" runs the layer's own eager function
 for that call (logged once) and "reference"/"triton" raise naming the kwarg. Never dropped silently.
+
+**Sparse patterns.** On a model patched with ``sparse=`` (``hfa.patch(model, sparse=hfa.sparse.top_p(0.9))``)
+each call goes to the pattern's layer state (:mod:`.sparse.apply`): prefill on the block-sparse kernels, decode
+steps and sliding-window layers dense, and calls a pattern cannot compute exactly (explicit masks, sinks,
+softcap, unknown kwargs) refused with a ValueError instead of running something else.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from transformers.masking_utils import AttentionMaskInterface, prepare_padding_m
 
 from ..kernels.softmax import dense_attention_mask, softmax_attention_reference
 from .backends import BACKENDS, _logged_once, log_once, logger, triton_can_run, use_triton  # noqa: F401
+from .sparse.apply import sparse_layer
 
 IMPL_NAMES = {"auto": "hfa", "reference": "hfa_reference", "triton": "hfa_triton"}
 BACKEND_OF_IMPL = {v: k for k, v in IMPL_NAMES.items()}
@@ -418,9 +424,28 @@ def _not_native_reason(kwargs) -> str | None:
     return None
 
 
+def _windowed(attention_mask, kwargs) -> bool:
+    """Whether the layer restricts itself to a sliding window (its kwarg, or the window its mask carries)."""
+    if kwargs.get("sliding_window") is not None:
+        return True
+    return isinstance(attention_mask, HFAMask) and attention_mask.structured and attention_mask.window is not None
+
+
 def make_attention_function(backend: str):
+    def dense(q, k, v, **opts):
+        return softmax_attention(q, k, v, backend=backend, **opts)
+
     def hfa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         reason = _not_native_reason(kwargs)
+        layer = sparse_layer(module)  # set by hfa.patch(model, sparse=...): the pattern and its records
+        if layer is not None:
+            windowed = _windowed(attention_mask, kwargs)
+            if reason is not None and layer.applies(query.shape[2], key.shape[2], windowed):
+                raise layer.refuse(module, reason)
+            if reason is None:
+                opts = _options_from_call(module, query, key, attention_mask, scaling, dropout, kwargs)
+                out = layer.attend(module, query, key, value, opts, windowed=windowed, backend=backend, dense=dense)
+                return out.transpose(1, 2).contiguous(), None
         if reason is not None:
             eager = _eager_function(module)
             if backend != "auto" or eager is None:
