@@ -141,7 +141,7 @@ def family_of(model_or_config, method: str | None = None) -> Family:
     raise ValueError(
         f"{what} does not support model_type {model_type!r} ({type(model_or_config).__name__}); supported: "
         f"{', '.join(supported)}. A family is added by one entry in FAMILIES in "
-        "hf_efficient_attn/attention/families.py (see the README's 'How to add a family')")
+        "hf_efficient_attn/attention/families.py (see the README's 'How to add one')")
 
 
 # -- facts read from a loaded model -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Multi-head latent attention (MLA) as a drop-in for a Llama or Gemma 3 attention module, and their model classes.
+"""Multi-head latent attention (MLA) as a drop-in for a Llama, Qwen3 or Gemma 3 attention module, and their model classes.
 
     from hf_efficient_attn.attention.mla import LlamaMLAConfig, LlamaMLAForCausalLM, MLAAttention
     from hf_efficient_attn.attention.mla import Gemma3MLAConfig, Gemma3MLAForCausalLM, Gemma3MLAAttention
@@ -37,9 +37,11 @@ layer's ``keys`` slot holds the latents ``(B, 1, T, r)`` and its ``values`` slot
 ``reorder_cache``, ``get_seq_length`` for masks) is then right without a hook, and ``hfa.kv_cache_bytes`` sees
 (r + d_r) values per token per layer. `latent_cache` reads them back by their MLA names.
 
-Checkpoints: ``model_type = "hfa_mla_llama"`` with ``architectures = ["LlamaMLAForCausalLM"]``, and
-``"hfa_mla_gemma3"`` / ``Gemma3MLAForCausalLM`` (`Gemma3MLAAttention`: the same layer with Gemma's q_norm and
-k_norm; the latent is a linear map of the normed keys and the values). Importing this module registers them
+Checkpoints: ``model_type = "hfa_mla_llama"`` with ``architectures = ["LlamaMLAForCausalLM"]``, ``"hfa_mla_qwen3"`` /
+``Qwen3MLAForCausalLM`` and ``"hfa_mla_gemma3"`` / ``Gemma3MLAForCausalLM`` (`QKNormMLAAttention`, alias
+`Gemma3MLAAttention`: the same layer with the family's q_norm and k_norm; the latent is a linear map of the normed
+keys and the values). The classes come from ``attention.families.converted_model_class``, one per family whose
+table entry lists "mla". Importing this module registers them
 with the Auto classes, so ``hfa.load`` (``AutoModelForCausalLM.from_pretrained``) loads
 them; stock transformers without this package refuses them (unknown model type) instead of loading a Llama
 with missing k/v projections.

@@ -39,7 +39,7 @@ before RoPE, so keys are not a linear map of x and [K_nope; V] has no factorizat
 u = [q_n; k_n; v] (normed queries, normed keys, values), where all three are linear (selections): steps 1-3
 run there unchanged (`_qk_norm_mla_layer`) with Sigma the second moments of u on calibration data
 (`feature_second_moments`), and the latent becomes kv_a_proj([k_n; v]), the RoPE key k_rope_proj(k_n)
-(`attention.mla.Gemma3MLAAttention`). Exact at full rank, like the rest. Without calibration ("weights"),
+(`attention.mla.QKNormMLAAttention`). Exact at full rank, like the rest. Without calibration ("weights"),
 Sigma_u is what the weights imply for isotropic x with each norm at its expected scale
 (`weight_feature_moments`). Each layer uses its own RoPE (Gemma: local theta on sliding-window layers).
 """
@@ -347,7 +347,7 @@ def _qk_norm_mla_layer(attn, moments, o_w, hq, hkv, rotary, kv_lora_rank, rope_d
                        rope_distance, plane_weight=None, *, family: FamilyEntry) -> LayerMLA:
     """`mla_layer` for a layer with per-head q/k norms, in the coordinates u = [q_n (Hq D); k_n (Hkv D); v (Hkv D)]
     where queries, keys and values are linear (selections): the RoPE key and the latent come out as maps of
-    k_n and [k_n; v] (`Gemma3MLAAttention`). moments: `feature_second_moments` of this layer, or None (then
+    k_n and [k_n; v] (`QKNormMLAAttention`). moments: `feature_second_moments` of this layer, or None (then
     the weight-implied ones). Method "weights" factorizes under the weight-implied moments."""
     d = attn.head_dim
     nq, nk = hq * d, hkv * d
