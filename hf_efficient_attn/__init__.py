@@ -2,7 +2,7 @@
 
     import hf_efficient_attn as hfa
     hfa.patch(model)                 # attention on our kernels; hfa.unpatch(model) undoes it
-    hfa.patch(model, sparse=hfa.sparse.top_p(0.9)); hfa.sparse.density(model)   # training-free sparse prefill
+    hfa.patch(model, sparse=hfa.sparse.top_p(0.95)); hfa.sparse.density(model)   # training-free sparse prefill
     from_pretrained(..., attn_implementation="hfa")   # also works after this import
     res = hfa.perplexity(model, tok, data, context_length=512)
     hfa.kv_cache_bytes(model, tokens=1024)

@@ -49,6 +49,14 @@ def _int_list(text: str) -> tuple[int, ...]:
     return vals
 
 
+def _sparse_spec(text: str):
+    from .attention.sparse import from_spec
+    try:
+        return from_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
 def _add_eval(sub):
     p = sub.add_parser("eval", help="perplexity, KV-cache bytes/token, decode speed and parameters of MODEL(s), "
                                     "side by side on the same data and protocol")
@@ -71,6 +79,12 @@ def _add_eval(sub):
                    help="context lengths for decode speed, comma-separated (default 128,512,2048)")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per speed measurement")
     p.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
+    p.add_argument("--sparse", action="append", type=_sparse_spec, default=[], metavar="PATTERN[:K=V,...]",
+                   help="also evaluate each MODEL with this training-free sparse pattern (repeatable), e.g. "
+                        "top_p:gamma=0.95, vertical_slash:vertical=256,slash=256, streaming:sinks=4,window=1024; "
+                        "each row reports its block density and per-layer error against dense, beside the dense row")
+    p.add_argument("--passkey", type=_int_list, default=(), metavar="LENGTHS",
+                   help="passkey retrieval accuracy at these prompt lengths, comma-separated (e.g. 1024,4096,8192)")
     p.add_argument("--out", default="hfa-eval", help="folder for report.json, report.md and plots (default hfa-eval)")
     p.add_argument("--no-plots", action="store_true", help="write no plots (plots need matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -81,7 +95,7 @@ def _add_eval(sub):
                                   max_tokens=args.max_tokens, batch_size=args.batch_size, kv_tokens=args.kv_tokens,
                                   speed_contexts=() if args.no_speed else args.speed_contexts,
                                   decode_tokens=args.decode_tokens, dtype=args.dtype, split=args.split,
-                                  progress=not args.quiet)
+                                  sparse=args.sparse, passkey_lengths=args.passkey, progress=not args.quiet)
         print(format_table(reports))
         files = write_report(reports, args.out, plots=not args.no_plots)
         print(f"wrote {files['json']}, {files['markdown']}" + "".join(f", {p}" for p in files["plots"]))

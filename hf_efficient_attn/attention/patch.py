@@ -65,7 +65,7 @@ def patch(model, backend: str = "auto", sparse=None):
     blockwise plain-PyTorch reference). Patching twice is harmless; :func:`unpatch` restores the
     implementation the model had before the first patch.
 
-    sparse: a training-free pattern from :mod:`hf_efficient_attn.attention.sparse` (``hfa.sparse.top_p(0.9)``,
+    sparse: a training-free pattern from :mod:`hf_efficient_attn.attention.sparse` (``hfa.sparse.top_p(0.95)``,
     ``streaming``, ``longformer``, ``dilated``, ``vertical_slash``, ``lsh``): prefill runs on the block-sparse
     kernels (backend "auto": Triton on CUDA where they serve the call, else the PyTorch block-gather path), decode
     steps stay dense unless the pattern has a decode rule, sliding-window layers keep their window, and calls a

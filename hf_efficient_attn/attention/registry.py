@@ -25,7 +25,7 @@ softcap, s_aux and per-query sinks, position_bias, is_causal, packed-sequence le
 harmless (``HARMLESS_KWARGS``), or unknown: then backend "auto" runs the layer's own eager function
 for that call (logged once) and "reference"/"triton" raise naming the kwarg. Never dropped silently.
 
-**Sparse patterns.** On a model patched with ``sparse=`` (``hfa.patch(model, sparse=hfa.sparse.top_p(0.9))``)
+**Sparse patterns.** On a model patched with ``sparse=`` (``hfa.patch(model, sparse=hfa.sparse.top_p(0.95))``)
 each call goes to the pattern's layer state (:mod:`.sparse.apply`): prefill on the block-sparse kernels, decode
 steps and sliding-window layers dense, and calls a pattern cannot compute exactly (explicit masks, sinks,
 softcap, unknown kwargs) refused with a ValueError instead of running something else.

@@ -43,6 +43,17 @@ class ModelReport:
     delta_ppl: float | None = None   # ppl - ppl of the first model; None where token streams differ
     seconds: float = 0.0             # wall time to evaluate this model
     note: str = ""
+    pattern: str | None = None       # the sparse pattern the model ran (hfa.patch(model, sparse=...)), None: dense
+    approximate: bool = False        # a sparse pattern other than the exact control: labelled in every table
+    density: float | None = None     # mean block density over the perplexity windows (sparse rows)
+    layer_errors: dict | None = None  # {layer: ||sparse - dense|| / ||dense||} on the first window (sparse rows)
+    passkey: dict = field(default_factory=dict)   # {prompt length: accuracy} (passkey_retrieval)
+    passkey_detail: list = field(default_factory=list)  # PasskeyResult dicts
+
+    @property
+    def layer_error(self) -> float | None:
+        """The mean of the per-layer relative errors (None: not measured)."""
+        return None if not self.layer_errors else sum(self.layer_errors.values()) / len(self.layer_errors)
 
     @property
     def kv_bytes_per_token(self) -> float | None:
@@ -67,27 +78,67 @@ class ModelReport:
         d = asdict(self)
         d["kv_bytes_per_token"] = self.kv_bytes_per_token
         d["decode_tok_s"] = self.decode_tok_s()
+        d["layer_error"] = self.layer_error
         return d
+
+
+def _sparse_checks(model, tokenizer, text, context_length: int, max_tokens: int | None, run_perplexity):
+    """Perplexity with the density of every window recorded, then the per-layer error on the first window."""
+    from ..attention import sparse as sp
+    from .perplexity import tokenize_stream
+
+    densities = []
+    hook = model.register_forward_hook(lambda *_: densities.append(sp.density(model)))
+    try:
+        res = run_perplexity()
+    finally:
+        hook.remove()
+    first = tokenize_stream(tokenizer, text, max_tokens=min(context_length, max_tokens or context_length))
+    errors = sp.layer_errors(model, first[None].to(next(model.parameters()).device))
+    return res, sum(densities) / len(densities), errors
 
 
 def evaluate_model(model, tokenizer, data=None, *, name: str | None = None, context_length: int = 512,
                    stride: int | None = None, max_tokens: int | None = None, batch_size: int | None = None,
                    kv_tokens: int | None = None, speed_contexts=(128, 512, 2048), decode_tokens: int = 32,
-                   progress: bool = True) -> ModelReport:
+                   passkey_lengths=(), progress: bool = True) -> ModelReport:
     """Measure one model: perplexity on `data`, KV-cache bytes after `kv_tokens` tokens (default: the
-    context length), decode speed at `speed_contexts` (empty: skip), parameter count."""
+    context length), decode speed at `speed_contexts` (empty: skip), parameter count, passkey accuracy at
+    `passkey_lengths` (empty: skip).
+
+    A sparse-patched model (``hfa.patch(model, sparse=...)``) is labelled with its pattern and also reports the mean
+    block density of its perplexity windows and each layer's output error against dense attention on the first
+    window (``hfa.sparse.layer_errors``)."""
+    from ..attention import sparse as sp
+    from .passkey import passkey_retrieval
+
     t0 = time.perf_counter()
-    res = perplexity(model, tokenizer, data, context_length=context_length, stride=stride,
-                     max_tokens=max_tokens, batch_size=batch_size, progress=progress)
+    text = load_text(data)
+    run = lambda: perplexity(model, tokenizer, text, context_length=context_length, stride=stride,  # noqa: E731
+                             max_tokens=max_tokens, batch_size=batch_size, progress=progress)
+    pattern = sp.pattern_of(model)
+    density = errors = None
+    if pattern is None:
+        res = run()
+    else:
+        res, density, errors = _sparse_checks(model, tokenizer, text, context_length, max_tokens, run)
     if name is not None:
         res.protocol["model"] = name
     kv_tokens = kv_tokens or context_length
     kv = kv_cache_bytes(model, tokens=kv_tokens)
     speed = [p.to_dict() for p in measure_speed(model, tuple(speed_contexts), decode_tokens=decode_tokens)] \
         if speed_contexts else []
+    keys = passkey_retrieval(model, tokenizer, lengths=tuple(passkey_lengths)) if passkey_lengths else []
+    note = ""
+    if pattern is not None and pattern.approximate:
+        note = (f"approximate: sparse attention {pattern.name} on the prefill (mean block density {density:.3f}), "
+                f"measured against the exact model")
     return ModelReport(model=res.protocol["model"], ppl=res.ppl, nll=res.nll, tokens=res.tokens,
                        params=parameter_count(model), kv_cache_bytes=kv, kv_tokens=kv_tokens, speed=speed,
-                       protocol=res.protocol, seconds=time.perf_counter() - t0)
+                       protocol=res.protocol, seconds=time.perf_counter() - t0, note=note,
+                       pattern=None if pattern is None else pattern.name,
+                       approximate=pattern is not None and pattern.approximate, density=density, layer_errors=errors,
+                       passkey={r.length: r.accuracy for r in keys}, passkey_detail=[r.to_dict() for r in keys])
 
 
 def _fill_deltas(reports: list[ModelReport]) -> list[ModelReport]:
@@ -108,17 +159,25 @@ def _fill_deltas(reports: list[ModelReport]) -> list[ModelReport]:
 def evaluate_models(models, data=None, *, context_length: int = 512, stride: int | None = None,
                     max_tokens: int | None = None, batch_size: int | None = None, kv_tokens: int | None = None,
                     speed_contexts=(128, 512, 2048), decode_tokens: int = 32, dtype=torch.float32,
-                    split: str | None = None, progress: bool = True) -> list[ModelReport]:
+                    split: str | None = None, sparse=(), passkey_lengths=(), progress: bool = True
+                    ) -> list[ModelReport]:
     """Evaluate several models on the same text under the same protocol; Δppl is against the first.
 
     models: names/paths for `load_model`, or `(name, model, tokenizer)` tuples, mixed freely.
     Models given by name are loaded one at a time and released before the next.
+    sparse: patterns from ``hfa.sparse``: after each model's own row, one row per pattern with the model patched
+    (``hfa.patched(model, sparse=pattern)``, backend auto), named ``"MODEL + PATTERN"`` and labelled approximate.
+    passkey_lengths: prompt lengths for passkey retrieval on every row (empty: none).
     """
+    from ..attention import patched
     from .models import load_model
 
     if not models:
         raise ValueError("give at least one model")
     text = load_text(data, split=split)  # load once: every model sees exactly the same text
+    run = dict(context_length=context_length, stride=stride, max_tokens=max_tokens, batch_size=batch_size,
+               kv_tokens=kv_tokens, speed_contexts=speed_contexts, decode_tokens=decode_tokens,
+               passkey_lengths=passkey_lengths, progress=progress)
     reports = []
     for entry in models:
         if isinstance(entry, tuple):
@@ -126,10 +185,10 @@ def evaluate_models(models, data=None, *, context_length: int = 512, stride: int
         else:
             name = str(entry)
             model, tok = load_model(name, dtype=dtype)
-        reports.append(evaluate_model(model, tok, text, name=name, context_length=context_length, stride=stride,
-                                      max_tokens=max_tokens, batch_size=batch_size, kv_tokens=kv_tokens,
-                                      speed_contexts=speed_contexts, decode_tokens=decode_tokens,
-                                      progress=progress))
+        reports.append(evaluate_model(model, tok, text, name=name, **run))
+        for pattern in sparse:
+            with patched(model, sparse=pattern):
+                reports.append(evaluate_model(model, tok, text, name=f"{name} + {pattern.name}", **run))
         del model
     return _fill_deltas(reports)
 
@@ -151,6 +210,11 @@ def _rows(reports: list[ModelReport]) -> tuple[list[str], list[list[str]]]:
     speed_ctx = _speed_context(reports)
     dec_head = f"decode tok/s @{speed_ctx}" if speed_ctx else "decode tok/s"
     header = ["model", "ppl", "Δppl", "tokens", kv_head, dec_head, "params"]
+    sparse = any(r.pattern is not None for r in reports)
+    lengths = sorted({n for r in reports for n in r.passkey})
+    if sparse:
+        header[1:1] = ["density", "layer err"]
+    header += [f"passkey @{n}" for n in lengths]
     rows = []
     for i, r in enumerate(reports):
         if r.delta_ppl is None:
@@ -161,8 +225,14 @@ def _rows(reports: list[ModelReport]) -> tuple[list[str], list[list[str]]]:
             delta = f"{r.delta_ppl:+.3f}"
         kvpt = r.kv_bytes_per_token
         dec = r.decode_tok_s()
-        rows.append([r.model, f"{r.ppl:.3f}", delta, f"{r.tokens:,}", "n/a" if kvpt is None else f"{kvpt:,.0f}",
-                     "n/a" if dec is None else f"{dec:.1f}", _human(r.params)])
+        name = r.model + (" (approx.)" if r.approximate else "")
+        row = [name, f"{r.ppl:.3f}", delta, f"{r.tokens:,}", "n/a" if kvpt is None else f"{kvpt:,.0f}",
+               "n/a" if dec is None else f"{dec:.1f}", _human(r.params)]
+        if sparse:
+            row[1:1] = ["dense" if r.density is None else f"{r.density:.3f}",
+                        "—" if r.layer_error is None else f"{r.layer_error:.4f}"]
+        row += [f"{r.passkey[n]:.0%}" if n in r.passkey else "n/a" for n in lengths]
+        rows.append(row)
     return header, rows
 
 
@@ -192,7 +262,7 @@ def format_table(reports: list[ModelReport]) -> str:
     """The comparison as an aligned plain-text table, followed by the protocol and any notes."""
     header, rows = _rows(reports)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    right = {1, 2, 3, 4, 5, 6}
+    right = set(range(1, len(header)))
     fmt = lambda cells: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     lines = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
     lines.append(f"protocol: {protocol_line(reports)}")

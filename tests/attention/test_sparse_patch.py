@@ -309,3 +309,43 @@ def test_triton_backend_equals_reference(monkeypatch):
     real = attn.bool()
     assert (out - ref)[real].abs().max().item() <= 1e-4
     assert len(calls) == 2 * 2  # 2 layers x 2 rows (row 1 is left-padded: each row runs on its own)
+
+
+
+def test_layer_errors_measure_each_layer_against_dense_on_the_exact_inputs(monkeypatch):
+    from hf_efficient_attn.attention.sparse.apply import SparseLayer
+    ids = _ids(2, 32)
+    model = make_model("llama")
+    seen = {}
+    attend = SparseLayer.attend
+
+    def spy(self, module, q, k, v, opts, **kw):
+        seen[self.name] = (q.clone(), k.clone(), v.clone())
+        return attend(self, module, q, k, v, opts, **kw)
+    monkeypatch.setattr(SparseLayer, "attend", spy)
+    hfa.patch(model, sparse=hfa.sparse.full(block=B))
+    assert all(e < 1e-6 for e in hfa.sparse.layer_errors(model, ids).values())
+    exact_qkv = dict(seen)  # every layer's q/k/v in the exact model
+    with torch.no_grad():
+        exact = outputs(model, input_ids=ids)
+    pattern = hfa.sparse.streaming(1, 4, block=B)
+    hfa.patch(model, sparse=pattern)
+    errors = hfa.sparse.layer_errors(model, ids)
+    assert list(errors) == [f"model.layers.{i}.self_attn" for i in range(2)]
+    for name, err in errors.items():
+        q, k, v = seen[name]
+        for a, b in zip(seen[name], exact_qkv[name]):  # the pass handed dense on: every layer saw exact inputs
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
+        g = q.shape[1] // k.shape[1]
+        scores = q @ k.repeat_interleave(g, 1).transpose(-1, -2) * q.shape[-1] ** -0.5
+        vv = v.repeat_interleave(g, 1)
+        want = torch.softmax(scores.masked_fill(~(causal & ((j < 1) | (i - j < 4))), -torch.inf), -1) @ vv
+        dense = torch.softmax(scores.masked_fill(~causal, -torch.inf), -1) @ vv
+        assert err == pytest.approx(float((want - dense).norm() / dense.norm()), rel=1e-4) and err > 1e-3
+    with torch.no_grad():  # after the pass the model runs its pattern again
+        assert not torch.allclose(outputs(model, input_ids=ids), exact, atol=1e-4)
+    hfa.unpatch(model)
+    with pytest.raises(ValueError, match="no sparse pattern"):
+        hfa.sparse.layer_errors(model, ids)

@@ -167,3 +167,13 @@ def test_vertical_slash_refuses_non_causal_calls():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="causal"):
         sparse_attention(q, k, v, hfa.sparse.vertical_slash(), causal=False, dense=_dense)
+
+
+def test_from_spec_builds_the_named_pattern():
+    assert hfa.sparse.from_spec("top_p").name == hfa.sparse.top_p().name == "top_p_g0.95_b64"
+    assert hfa.sparse.from_spec(" streaming:sinks=4, window=1024 ").name == "streaming_s4_w1024"
+    assert hfa.sparse.from_spec("top_p:gamma=0.9,block=128").name == "top_p_g0.9_b128"
+    with pytest.raises(ValueError, match="choose one of streaming, longformer"):
+        hfa.sparse.from_spec("bigbird")
+    with pytest.raises(ValueError, match=r"window=.*dilation"):
+        hfa.sparse.from_spec("dilated:width=3")

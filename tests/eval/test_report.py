@@ -112,3 +112,42 @@ def test_write_report_without_matplotlib(reports, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # plots are an optional extra
     files = write_report(reports, tmp_path)
     assert files["plots"] == [] and files["json"].exists() and files["markdown"].exists()
+
+
+def test_sparse_rows_beside_dense_with_density_layer_error_and_passkey():
+    import hf_efficient_attn as hfa
+    tok = byte_tokenizer()
+    model = tiny_llama(seed=0)
+    reps = evaluate_models([("base", model, tok)], TEXT * 3, context_length=128, speed_contexts=(), progress=False,
+                           sparse=[hfa.sparse.full(block=16), hfa.sparse.streaming(1, 32, block=16)],
+                           passkey_lengths=(300,))
+    dense, full, stream = reps
+    assert [r.model for r in reps] == ["base", "base + full_b16", "base + streaming_s1_w32"]
+    assert dense.pattern is None and dense.density is None and dense.layer_errors is None
+    assert full.ppl == pytest.approx(dense.ppl, rel=1e-5) and full.density == 1.0 and not full.approximate
+    assert full.layer_error < 1e-5 and not full.note
+    assert stream.approximate and 0 < stream.density < 1 and stream.layer_error > 1e-3
+    assert list(stream.layer_errors) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert "approximate" in stream.note and f"{stream.density:.3f}" in stream.note
+    assert stream.ppl != pytest.approx(dense.ppl, rel=1e-3)
+    assert all(set(r.passkey) == {300} and len(r.passkey_detail[0]["trials"]) == 5 for r in reps)
+    assert hfa.sparse.pattern_of(model) is None and not hfa.is_patched(model)  # the model comes back as it was
+    table = format_table(reps).splitlines()
+    assert table[0].split()[:4] == ["model", "density", "layer", "err"] and "passkey @300" in table[0]
+    assert table[2].split()[1] == "dense" and "(approx.)" in table[4] and "(approx.)" not in table[3]
+    assert "| density | layer err |" in to_markdown(reps)
+
+
+def test_cli_eval_sparse_and_passkey(tmp_path, capsys):
+    a = _save(tmp_path / "a", 0)
+    rc = main(["eval", a, "--data", TEXT * 3, "--context", "128", "--no-speed", "--sparse", "streaming:sinks=1,"
+               "window=32,block=16", "--passkey", "300", "--out", str(tmp_path / "rep"), "--quiet", "--no-plots"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "streaming_s1_w32 (approx.)" in out and "passkey @300" in out
+    payload = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert payload["models"][1]["pattern"] == "streaming_s1_w32" and payload["models"][1]["layer_error"] > 0
+    for bad, match in [("nope", "unknown sparse pattern"), ("top_p:gama=0.9", "top_p takes the options gamma=0.95, block=64"),
+                       ("top_p:gamma", "KEY=VALUE")]:
+        with pytest.raises(SystemExit):
+            main(["eval", a, "--sparse", bad])
+        assert match in capsys.readouterr().err

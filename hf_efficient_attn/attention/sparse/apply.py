@@ -31,7 +31,8 @@ from ...kernels.sparse import block_sparse_attention_reference
 from ..backends import use_triton
 from .base import DECODE_MAX_Q_LEN, SparsePattern, SparsePlan, allowed_blocks, window_blocks
 
-__all__ = ["SparseLayer", "SparseState", "attach", "density", "detach", "is_sparse", "pattern_of", "sparse_layer"]
+__all__ = ["SparseLayer", "SparseState", "attach", "density", "detach", "is_sparse", "layer_errors", "pattern_of",
+           "sparse_layer"]
 
 _LAYER_ATTR = "_hfa_sparse_layer"
 _STATE_ATTR = "_hfa_sparse_state"
@@ -60,6 +61,7 @@ class SparseState:
     step: int = 0
     records: dict = field(default_factory=dict)  # layer name -> CallRecord
     hook: object = None
+    errors: dict | None = None  # layer name -> [relative error per call], while layer_errors() runs
 
     def new_forward(self, *_):
         self.step += 1
@@ -230,6 +232,11 @@ class SparseLayer:
                                      key_padding_mask=opts["key_padding_mask"], cu_seqlens_q=opts["cu_seqlens_q"],
                                      cu_seqlens_k=opts["cu_seqlens_k"], backend=backend, dense=dense)
         self.record(frac, True, Sq, Skv)
+        if self.state.errors is not None:  # shadow mode: measure against dense, hand dense on
+            exact = dense(q, k, v, **opts)
+            err = (out.float() - exact.float()).norm() / exact.float().norm().clamp_min(1e-30)
+            self.state.errors.setdefault(self.name, []).append(float(err))
+            return exact
         return out
 
 
@@ -301,3 +308,28 @@ def density(model, per: str | None = None):
     if per == "layer":
         return {name: float(r.density.mean()) for name, r in last}
     return float(torch.stack([r.density.mean() for _, r in last]).mean())
+
+
+@torch.no_grad()
+def layer_errors(model, input_ids, attention_mask=None) -> dict[str, float]:
+    """Each layer's output error under the pattern, on the exact model's own inputs: {layer name: relative error}.
+
+    One forward pass in which every call the pattern runs computes both the pattern and dense attention from the
+    same q/k/v, records ``||sparse - dense|| / ||dense||`` (Frobenius, fp32, over the batch) and hands the dense
+    output on, so layer ``l``'s error is its own, not the sum of the errors before it. Layers the pattern does not
+    run (sliding-window layers) are absent. ``density(model)`` afterwards reads this pass. Raises ValueError when the
+    model has no pattern or the pattern ran on no layer."""
+    state = _state(model)
+    if state is None:
+        raise ValueError("this model has no sparse pattern: hfa.patch(model, sparse=hfa.sparse.top_p(...)) first")
+    state.errors = {}
+    try:
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        model(input_ids=input_ids, use_cache=False, **kwargs)
+        errors = {name: sum(v) / len(v) for name, v in state.errors.items()}
+    finally:
+        state.errors = None
+    if not errors:
+        raise ValueError(f"{state.pattern.name} ran on no layer of this call (decode-only input, or every layer keeps "
+                         f"its own sliding window): give a prefill of full-attention layers")
+    return errors

@@ -65,8 +65,11 @@ class TopP(SparsePattern):
         return SparsePlan(BlockLayout.from_block_mask(keep, b, b, Sq, Skv))
 
 
-def top_p(gamma: float = 0.9, *, block: int = 64) -> TopP:
-    """Per query block, the fewest KV blocks with ``gamma`` of the estimated attention mass (``top_p_g0.9_b64``)."""
+def top_p(gamma: float = 0.95, *, block: int = 64) -> TopP:
+    """Per query block, the fewest KV blocks with ``gamma`` of the estimated attention mass (``top_p_g0.95_b64``).
+
+    The default 0.95 is measured: on SmolLM2-135M at 8k tokens of the bundled held-out text it computes 21% of the
+    causal blocks at +4.1% perplexity (0.9: 14% at +14.6%; 0.97: 28% at +1.6%); see the README's sparse table."""
     return TopP(gamma, block)
 
 
