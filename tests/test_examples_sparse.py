@@ -42,3 +42,23 @@ def test_example_sparse_patterns_tiny(tmp_path):
 def test_example_sparse_patterns_smollm2(tmp_path):
     _run("--tokens", "256", "--block", "16", "--json", str(tmp_path / "s.json"))
     _check(json.loads((tmp_path / "s.json").read_text())["rows"])
+
+
+@pytest.mark.real_model
+@pytest.mark.slow  # about 30 s on 2 cores
+def test_example_sparse_long_context_smollm2(tmp_path):
+    """The README's long-context table script at a small budget: dense first, each pattern beside it with its
+    density, ppl per context, per-layer error and passkey accuracy; the full control equals dense."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run([sys.executable, "examples/sparse_long_context.py", "--contexts", "128,256", "--max-tokens",
+                           "512", "--passkey", "256", "--sparse", "full:block=16", "--sparse",
+                           "top_p:gamma=0.9,block=16", "--json", str(tmp_path / "l.json")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| dense (exact) |" in proc.stdout and "top_p_g0.9_b16 (approx.)" in proc.stdout
+    dense, full, top = json.loads((tmp_path / "l.json").read_text())["rows"]
+    for ctx in ("128", "256"):
+        assert abs(full["ppl"][ctx] / dense["ppl"][ctx] - 1) < 1e-4 and full["density"][ctx] == 1.0
+        assert top["density"][ctx] < 1 and top["ppl"][ctx] != dense["ppl"][ctx]
+    assert full["layer_error"]["256"] < 1e-4 < top["layer_error"]["256"]
+    assert set(dense["passkey"]) == {"256"} and dense["passkey"]["256"] >= 0.6

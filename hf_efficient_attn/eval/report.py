@@ -379,14 +379,27 @@ class DemoConversion:
 
 _GQA_KV1 = {"num_kv_heads": 1, "calibration_tokens": 4096}
 
+
+def _sparse_copy(spec: str) -> Callable:
+    """A demo build: a copy of the base model patched with a training-free sparse pattern (the base stays dense)."""
+    def build(model, tokenizer, calibration, max_tokens):
+        import copy
+
+        from ..attention import patch
+        from ..attention.sparse import from_spec
+        return patch(copy.deepcopy(model), sparse=from_spec(spec))
+    return build
+
 # Everything `hfa demo` runs after the base model, in table order: SmolLM2-135M's 3 KV heads merged into 1 by
-# each GQA method, then the best one healed. About 3 minutes in all on 2 idle CPU cores; fast settings only.
+# each GQA method, then the best one healed, then a training-free sparse prefill (labelled approximate, with its
+# density and per-layer error). About 4 minutes in all on 2 idle CPU cores; fast settings only.
 DEMO_CONVERSIONS: list[DemoConversion] = [
     DemoConversion("gqa kv=1 mean", "gqa", {**_GQA_KV1, "method": "mean"}),
     DemoConversion("gqa kv=1 aligned", "gqa", {**_GQA_KV1, "method": "aligned"}),
     DemoConversion("gqa kv=1 pca", "gqa", {**_GQA_KV1, "method": "pca"}),
     DemoConversion("gqa kv=1 pca + 8k-token heal", "gqa", {**_GQA_KV1, "method": "pca"},
                    heal={"max_tokens": 8192, "seq_len": 256, "batch_size": 4}),
+    DemoConversion("sparse top_p_g0.95_b64", build=_sparse_copy("top_p:gamma=0.95")),
 ]
 
 

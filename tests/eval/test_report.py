@@ -94,8 +94,9 @@ def test_demo_conversions_are_the_one_list(monkeypatch):
     from hf_efficient_attn.eval import report
 
     assert [s.label for s in report.demo_conversions()] == [
-        "gqa kv=1 mean", "gqa kv=1 aligned", "gqa kv=1 pca", "gqa kv=1 pca + 8k-token heal"]
-    assert all(s.method in CONVERSIONS and s.build is None for s in report.DEMO_CONVERSIONS)
+        "gqa kv=1 mean", "gqa kv=1 aligned", "gqa kv=1 pca", "gqa kv=1 pca + 8k-token heal", "sparse top_p_g0.95_b64"]
+    assert all(s.method in CONVERSIONS and s.build is None for s in report.DEMO_CONVERSIONS[:4])
+
 
     def build(model, tokenizer, calibration, max_tokens=None):
         return model
@@ -106,6 +107,16 @@ def test_demo_conversions_are_the_one_list(monkeypatch):
     assert [s.label for s in steps] == ["extra", "mla r=32"]
     assert steps[1].build is build and steps[0].method == "gqa"
 
+
+def test_demo_sparse_row_is_a_patched_copy_and_the_base_stays_dense():
+    import hf_efficient_attn as hfa
+    from hf_efficient_attn.eval import report
+
+    step = report.DEMO_CONVERSIONS[-1]
+    base = tiny_llama()
+    new = report._run_conversion(step, base, byte_tokenizer(), None, 0)
+    assert new is not base and hfa.sparse.pattern_of(new).name == "top_p_g0.95_b64" and hfa.sparse.is_sparse(new)
+    assert hfa.sparse.pattern_of(base) is None and not hfa.is_patched(base)
 
 def test_write_report_without_matplotlib(reports, tmp_path, monkeypatch):
     import sys

@@ -123,6 +123,30 @@ def test_gather_path_equals_dense_mask(name):
     torch.testing.assert_close(fast_lse, lse.detach(), rtol=0, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fp32_no_grad_path_equals_fp64_spec(name):
+    """fp32 without gradients: whole blocks go to torch's fused CPU flash kernel (rows with no real key included)."""
+    from hf_efficient_attn.kernels.sparse import reference
+    assert reference._CPU_FLASH is not None  # else this test would not test the fused path
+    B, Hq, Hkv, Sq, Sk, bm, bn, density, opts = CASES[name]
+    opts = dict(opts)
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, Dv=opts.pop("Dv", None))
+    if opts.pop("pad", False):
+        kpm = torch.rand(B, Sk, generator=torch.Generator().manual_seed(1)) > 0.3
+        kpm[-1] = False
+        opts["key_padding_mask"] = kpm
+    lay = BlockLayout.random(B, Hkv, Sq, Sk, bm, bn, density, causal=opts.get("causal", False), seed=2)
+    ref, ref_lse = block_sparse_attention_naive(q, k, v, lay, **opts)
+    with torch.no_grad():
+        out, lse = block_sparse_attention_reference(q.float(), k.float(), v.float(), lay, max_chunk_scores=2000,
+                                                    **opts)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], rtol=0, atol=2e-5)
+
 def test_full_layout_equals_dense_attention():
     q, k, v = _qkv(2, 6, 3, 45, 77, D=24)
     kpm = torch.rand(2, 77, generator=torch.Generator().manual_seed(3)) > 0.2

@@ -341,6 +341,35 @@ class _Workspace:
         return buf[:n].view(shape)
 
 
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _cpu_flash_ok(qc) -> bool:
+    """Whether whole blocks can go to torch's fused CPU flash kernel (no gradient, fp32 on CPU, Dv == D)."""
+    return _CPU_FLASH is not None and qc.device.type == "cpu" and qc.dtype == torch.float32
+
+
+def _flash_part(q2, kg, vg, key_ok, shape):
+    """The whole blocks of a chunk through torch's fused CPU flash kernel (no score matrix in memory; about 2x the
+    bmm-exp-bmm path on CPU): (m, l, acc) in :func:`_gather_part`'s convention, as m = lse, l = 1, acc = out.
+
+    q2: (N, G * bm, D) scaled; kg / vg: (N, E * bn, D|Dv); key_ok: (B, Hkv, c, E * bn) bool."""
+    mask = None
+    if not bool(key_ok.all()):
+        mask = torch.zeros(key_ok.shape, dtype=q2.dtype, device=q2.device).masked_fill_(~key_ok, -math.inf)
+        mask = mask.view(q2.shape[0], 1, 1, -1)
+    out, lse = _CPU_FLASH(q2.unsqueeze(1), kg.unsqueeze(1), vg.unsqueeze(1), 0.0, False, attn_mask=mask, scale=1.0)
+    out, lse = out[:, 0], lse[:, 0].to(q2.dtype)
+    # a query block with no visible key here (whole blocks: key_ok alone decides) adds nothing; the kernel's own
+    # value for such rows (lse 0) must not be read as a real one
+    dead = (~key_ok.any(-1)).view(-1, 1).expand_as(lse)
+    if bool(dead.any()):
+        lse = lse.masked_fill(dead, -math.inf)
+        out = out.masked_fill(dead.unsqueeze(-1), 0.0)
+    B, Hkv, c, G, bm = shape
+    return lse.view(shape), (~dead).to(q2.dtype).view(shape), out.reshape(B, Hkv, c, G, bm, -1)
+
+
 def _gather_part(qc, kb, vb, kreal, entries, counts, c0, Sq, Sk, bm, bn, causal, window, sink_tokens, cut, ws):
     """Unnormalised softmax of query blocks c0 .. c0 + c over the listed KV blocks: (m, l, acc) per row.
 
@@ -372,6 +401,8 @@ def _gather_part(qc, kb, vb, kreal, entries, counts, c0, Sq, Sk, bm, bn, causal,
     if kreal is not None:
         key_ok = key_ok & kreal.index_select(0, flat).view(B, Hkv, c, E * bn)
     q2 = qc.flatten(0, 2)
+    if inplace and not cut and _cpu_flash_ok(qc) and vg.shape[-1] == qc.shape[-1]:  # (the kernel: one head size)
+        return _flash_part(q2, kg, vg, key_ok, (B, Hkv, c, Gbm // bm, bm))
     if inplace:
         s = torch.bmm(q2, kg.transpose(1, 2), out=ws.get("s", (B * Hkv * c, Gbm, E * bn), qc.dtype, dev))
         if not bool(key_ok.all()):
