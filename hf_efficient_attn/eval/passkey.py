@@ -35,6 +35,7 @@ import torch
 from ..attention import sparse as _sparse
 from .cost import _cache_kwarg, _output_cache
 from .data import load_text
+from .perplexity import _model_name
 
 __all__ = ["DEFAULT_DEPTHS", "FILLERS", "PasskeyResult", "build_prompt", "format_passkey", "passkey_retrieval"]
 
@@ -120,11 +121,6 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, filler: str = "
     body = body[:room]
     cut = round(depth * room)
     return head + body[:cut] + needle + body[cut:] + tail
-
-
-def _model_name(model) -> str:
-    return getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None) \
-        or type(model).__name__
 
 
 @torch.no_grad()
