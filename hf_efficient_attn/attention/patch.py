@@ -6,9 +6,12 @@ import contextlib
 
 import torch
 
+from . import ring as _ring
 from .backends import BACKENDS, triton_can_run
 from .registry import BACKEND_OF_IMPL, IMPL_NAMES
 from .sparse.apply import attach, detach, pattern_of
+
+PATCH_BACKENDS = (*BACKENDS, "ring")
 
 _SAVED_ATTR = "_hfa_saved_attn_implementation"
 _SAVED_BACKENDS = "_hfa_saved_module_backends"
@@ -57,7 +60,8 @@ def is_patched(model) -> bool:
     return model.config._attn_implementation in BACKEND_OF_IMPL
 
 
-def patch(model, backend: str = "auto", sparse=None):
+def patch(model, backend: str = "auto", sparse=None, *, group=None, ring_mode: str = "auto",
+          ring_layout: str = "zigzag"):
     """Make every attention layer of ``model`` run on our kernels; returns the same model.
 
     backend: "auto" (Triton on CUDA where it serves the call, else an exact fallback: torch SDPA or
@@ -71,12 +75,21 @@ def patch(model, backend: str = "auto", sparse=None):
     steps stay dense unless the pattern has a decode rule, sliding-window layers keep their window, and calls a
     pattern cannot compute exactly (softcap, attention sinks, explicit masks) raise a ValueError. None (default):
     dense attention (a pattern from an earlier patch is removed). ``hfa.sparse.density(model)`` reports what ran.
+
+    backend="ring" (under torchrun / accelerate launch, with a torch.distributed process group): exact attention over
+    sequences split across the processes of ``group`` (default: all), see :mod:`hf_efficient_attn.attention.ring`;
+    feed it batches from ``hfa.ring.prepare``. ring_mode: "auto" | "ring" | "allgather" (how K/V reach every rank);
+    ring_layout: "zigzag" (balanced causal work) | "contiguous".
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in PATCH_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(PATCH_BACKENDS)}")
     _check_model(model)
     if sparse is not None:
         _check_sparse(model, sparse)
+    ring = None
+    if backend == "ring":
+        ring = _ring.check_settings(group, ring_mode, ring_layout)
+        _check_ring(model, sparse)
     if backend == "triton":
         reason = triton_can_run(_model_device(model))
         if reason is not None:
@@ -95,6 +108,10 @@ def patch(model, backend: str = "auto", sparse=None):
                          f"{type(model).__name__}; the model is left unchanged")
     for _, m in _converted_modules(model):   # one backend rule: converted modules follow the same choice
         m.backend = backend
+    if ring is None:
+        _ring.detach(model)
+    else:
+        _ring.attach(model, ring)
     if sparse is None:
         detach(model)
     else:
@@ -114,6 +131,16 @@ def _check_sparse(model, pattern) -> None:
                          f"{type(m).__name__}, which computes its own attention. Patch it without sparse=.")
 
 
+def _check_ring(model, sparse) -> None:
+    if sparse is not None:
+        raise ValueError("backend='ring' computes exact attention; it does not combine with sparse= patterns")
+    converted = _converted_modules(model)
+    if converted:
+        name, m = converted[0]
+        raise ValueError(f"backend='ring' serves softmax attention layers; {name} is a converted {type(m).__name__}, "
+                         f"which computes its own attention. Patch the original model, or use backend='auto'.")
+
+
 def unpatch(model):
     """Restore the attention implementation the model had before :func:`patch`; returns the model.
 
@@ -128,6 +155,7 @@ def unpatch(model):
     model.set_attn_implementation(saved)
     _restore_backends(model, model.__dict__.pop(_SAVED_BACKENDS, {}))
     detach(model)
+    _ring.detach(model)
     return model
 
 
@@ -138,13 +166,15 @@ def _restore_backends(model, saved: dict) -> None:
 
 
 @contextlib.contextmanager
-def patched(model, backend: str = "auto", sparse=None):
-    """Context manager: the model is patched inside the block and restored after it, even on error."""
+def patched(model, backend: str = "auto", sparse=None, **ring_options):
+    """Context manager: the model is patched inside the block and restored after it, even on error.
+    ring_options: group / ring_mode / ring_layout of :func:`patch` (backend="ring")."""
     was_patched = is_patched(model)
     before = model.config._attn_implementation
     backends_before = {name: m.backend for name, m in _converted_modules(model)}
     pattern_before = pattern_of(model)
-    patch(model, backend=backend, sparse=sparse)
+    ring_before = _ring.attached(model)
+    patch(model, backend=backend, sparse=sparse, **ring_options)
     try:
         yield model
     finally:
@@ -155,5 +185,9 @@ def patched(model, backend: str = "auto", sparse=None):
                 detach(model)
             else:
                 attach(model, pattern_before)
+            if ring_before is None:
+                _ring.detach(model)
+            else:
+                _ring.attach(model, ring_before)
         else:
             unpatch(model)

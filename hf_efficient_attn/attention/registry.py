@@ -6,6 +6,7 @@ attention function of every layer through ``AttentionInterface``. We register th
     "hfa"            backend "auto"
     "hfa_reference"  the blockwise plain-PyTorch reference (exact everywhere, any device)
     "hfa_triton"     the Triton kernels (CUDA, or the interpreter with TRITON_INTERPRET=1)
+    "hfa_ring"       ring attention across the processes of a torch.distributed group (:mod:`.ring`)
 
 **What the layers and our attention function receive as ``attention_mask``.** Always an
 :class:`HFAMask`: to the model, the eager-format 4-D mask (``[B, 1, q_len, kv_len]``, 0 = attend,
@@ -42,9 +43,10 @@ from transformers.masking_utils import AttentionMaskInterface, prepare_padding_m
 
 from ..kernels.softmax import dense_attention_mask, softmax_attention_reference
 from .backends import BACKENDS, _logged_once, log_once, logger, triton_can_run, use_triton  # noqa: F401
+from . import ring as _ring
 from .sparse.apply import sparse_layer
 
-IMPL_NAMES = {"auto": "hfa", "reference": "hfa_reference", "triton": "hfa_triton"}
+IMPL_NAMES = {"auto": "hfa", "reference": "hfa_reference", "triton": "hfa_triton", "ring": "hfa_ring"}
 BACKEND_OF_IMPL = {v: k for k, v in IMPL_NAMES.items()}
 
 
@@ -437,6 +439,8 @@ def make_attention_function(backend: str):
 
     def hfa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         reason = _not_native_reason(kwargs)
+        if backend == "ring":
+            return ring_attention_call(module, query, key, value, attention_mask, scaling, dropout, kwargs, reason)
         layer = sparse_layer(module)  # set by hfa.patch(model, sparse=...): the pattern and its records
         if layer is not None:
             windowed = _windowed(attention_mask, kwargs)
@@ -463,6 +467,21 @@ def make_attention_function(backend: str):
 
     hfa_attention.__name__ = hfa_attention.__qualname__ = f"hfa_attention_{backend}"
     return hfa_attention
+
+
+def ring_attention_call(module, query, key, value, attention_mask, scaling, dropout, kwargs, reason):
+    """backend "ring": exact attention over a sequence split across processes (:mod:`.ring`), or a ValueError."""
+    opts = None if reason is not None else _options_from_call(module, query, key, attention_mask, scaling, dropout,
+                                                              kwargs)
+    if reason is None:
+        reason = _ring.refuse_reason(opts, kwargs)
+    if reason is not None:
+        raise ValueError(f"{type(module).__name__}: ring attention cannot compute {reason} exactly; run this model "
+                         f"without backend='ring' (hfa.unpatch(model)) or without that feature")
+    local = "triton" if use_triton("auto", query.device, lambda: _triton_reason(query, key, value, opts),
+                                   "ring attention's per-block work") else "torch"
+    out = _ring.attend(module, query, key, value, opts, kwargs, local)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def register() -> None:

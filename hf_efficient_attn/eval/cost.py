@@ -15,6 +15,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..attention.model_io import cache_kwarg as _cache_kwarg  # noqa: F401  (tests and passkey use these names)
+from ..attention.model_io import forward_params as _forward_params
+from ..attention.model_io import output_cache as _output_cache
+
 __all__ = ["SpeedPoint", "cache_tensors", "kv_cache_bytes", "measure_speed", "parameter_count"]
 
 _MAX_DEPTH = 12
@@ -127,35 +131,6 @@ def kv_cache_bytes(model, tokens: int = 1024, batch_size: int = 1) -> int:
     return _deduplicated_bytes(tensors)
 
 
-# The cache keyword was renamed across transformers 5.x (past_key_values -> cache); use whichever exists.
-_CACHE_NAMES = ("cache", "past_key_values", "cache_params")
-
-
-def _output_cache(out):
-    """The cache object of a model output, under whichever name this transformers version uses."""
-    fields = getattr(out, "__dataclass_fields__", None) or {}
-    for name in _CACHE_NAMES:
-        if name in fields:
-            return getattr(out, name)
-    if isinstance(out, tuple) and len(out) > 1:
-        return out[1]
-    return None
-
-
-def _cache_kwarg(model) -> str:
-    params = _forward_params(model)
-    for name in _CACHE_NAMES:
-        if name in params:
-            return name
-    return "past_key_values"
-
-
-def _forward_params(model) -> set[str]:
-    import inspect
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
 
 
 def parameter_count(model, trainable_only: bool = False) -> int:
