@@ -1,7 +1,5 @@
 """Cases run inside spawned ranks by test_ring.py (module level so torch.multiprocessing can import them)."""
 
-import math
-
 import torch
 
 from hf_efficient_attn.kernels.ring import count_comm, ring_attention, shard_tensor
@@ -47,7 +45,7 @@ def run_cases(rank, world, cases):
         with count_comm() as cc:
             out, lse = ring_attention(ql, kl, vl, causal=causal, window=window,
                                       key_padding_mask=None if kpm is None else sh(kpm, 1), layout=layout,
-                                      mode=c["mode"])
+                                      mode=c["mode"], local=c.get("local", "torch"))
             loss = (out.double() * sh(dout).double()).sum()
             if c.get("lse_grad"):
                 loss = loss + (torch.where(sh(seen), lse, 0).double() * sh(dlse).double()).sum()
@@ -63,11 +61,8 @@ def run_cases(rank, world, cases):
                     same_empty=bool(torch.equal(torch.isfinite(lse), sh(seen))),
                     finite=bool(torch.isfinite(out).all() and torch.isfinite(ql.grad).all()),
                     dtype_ok=out.dtype == dtype and ql.grad.dtype == dtype,
-                    sent=cc.sent_bytes, kv_bytes=(kl.numel() * kl.element_size() + vl.numel() * vl.element_size()))
+                    sent=cc.sent_bytes, kv_bytes=(kl.numel() * kl.element_size() + vl.numel() * vl.element_size()),
+                    pad_bytes=ql.shape[0] * ql.shape[2], acc_bytes=4 * (kl.numel() + vl.numel()))
         results.append((c["name"], errs))
     return results
 
-
-def memory_free_call(rank, world):
-    """Out of a group: the clear error (used with world 1 without init would be wrong; see test)."""
-    return math.nan

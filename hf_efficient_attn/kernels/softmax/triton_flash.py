@@ -607,6 +607,7 @@ def _flash_bwd(do, dlse, q, k, v, out, lse, *, scale, causal, window, softcap, k
     B, Hq, Sq, D = q.shape
     Hkv, Skv, Dv = k.shape[1], k.shape[2], v.shape[3]
     do = last_dim_contiguous(do)
+    lse = lse.contiguous()  # the kernels index delta (allocated below, contiguous) with lse's strides
     dq = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     dk = torch.empty(B, Skv, Hkv, D, dtype=k.dtype, device=k.device).transpose(1, 2)
     dv = torch.empty(B, Skv, Hkv, Dv, dtype=v.dtype, device=v.device).transpose(1, 2)
