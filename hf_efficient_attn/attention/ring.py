@@ -117,8 +117,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 def prepare(input_ids, attention_mask=None, labels=None, *, group=None, layout: str = "zigzag",
             pad_token_id: int = 0) -> dict:
-    """Split one batch over the ranks: a dict of this rank's ``input_ids``, ``position_ids``, ``attention_mask``
-    (when anything is padded) and, with ``labels``, ``shift_labels`` (label of the NEXT token, -100 where none:
+    """Split one batch over the ranks: a dict of this rank's ``input_ids``, ``position_ids``, ``attention_mask`` and, with ``labels``, ``shift_labels`` (label of the NEXT token, -100 where none:
     shift before splitting, since the model's own shift would pair tokens of different chunks).
 
     input_ids: [B, S], the same full batch on every rank. A length the layout cannot split (zigzag: a multiple of
@@ -141,9 +140,8 @@ def prepare(input_ids, attention_mask=None, labels=None, *, group=None, layout: 
             shifted = torch.cat([shifted.new_full((B, pad), -100), shifted], dim=1)
     check_length(S + pad, world, layout)
     sh = lambda t: shard_tensor(t, 1, world, rank, layout)  # noqa: E731
-    out = {"input_ids": sh(input_ids), "position_ids": sh(_positions(mask))}
-    if not bool(mask.all()):
-        out["attention_mask"] = sh(mask)
+    # always a mask: with position_ids and no mask transformers reads the zigzag's jumps as packed sequences
+    out = {"input_ids": sh(input_ids), "position_ids": sh(_positions(mask)), "attention_mask": sh(mask)}
     if labels is not None:
         out["shift_labels"] = sh(shifted)
     return out
@@ -265,7 +263,7 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask=None, eos_
     B = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev).long()
     batch = prepare(input_ids, mask, group=ring.group, layout=ring.layout, pad_token_id=pad_token_id)
-    local_mask = batch.get("attention_mask")
+    local_mask = batch["attention_mask"]
     out = model(**batch, use_cache=True)
     cache, name = output_cache(out), cache_kwarg(model)
     last = gather(out.logits[:, -1:].float(), dim=1, group=ring.group, layout="contiguous")  # every rank's last row
@@ -282,11 +280,9 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask=None, eos_
             done = done | (nxt == eos_token_id)
         if step + 1 == max_new_tokens or bool(done.all()):
             break
-        kw = {"position_ids": (real + step)[:, None]}
-        if local_mask is not None:
-            local_mask = torch.cat([local_mask, local_mask.new_ones(B, 1)], dim=1)
-            kw["attention_mask"] = local_mask
-        out = model(input_ids=nxt[:, None], use_cache=True, **{name: cache}, **kw)
+        local_mask = torch.cat([local_mask, local_mask.new_ones(B, 1)], dim=1)
+        out = model(input_ids=nxt[:, None], position_ids=(real + step)[:, None], attention_mask=local_mask,
+                    use_cache=True, **{name: cache})
         cache = output_cache(out)
         nxt = out.logits[:, -1].argmax(-1)
     gen = torch.stack(new, dim=1)

@@ -26,6 +26,13 @@ Finite checks: teacher and student must have finite weights; every step's loss a
 before the optimizer applies it, and the first non-finite one stops the run with `NonFiniteError`, leaving the
 student with the weights of the last finite step (with LoRA: as it came, the adapters dropped).
 
+Long sequences across processes (ring attention): when the student is patched with ``hfa.patch(student,
+backend="ring")`` (under ``torchrun`` / ``accelerate launch``), every process takes the SAME blocks and holds 1/W of
+each (zigzag split, `hfa.ring.prepare`); the teacher runs patched the same way for the call; each process's KL
+is the mean over its tokens, and the data-parallel gradient mean over processes is then exactly the gradient of
+the whole batch's mean. `max_tokens` counts each block once. seq_len must split (a multiple of 2W); the stage is
+"logits" with ``ce_weight=0`` (its next-token pairs would cross chunk borders).
+
 Checkpoints: with `checkpoint_dir` and `checkpoint_every`, the trainable weights, optimizer and
 scheduler state, step and loss history are written atomically every N steps; calling `distill`
 again with the same arguments and the same starting student resumes from the last one and ends in
@@ -37,7 +44,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -47,6 +54,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..attention import ring as _ring
+from ..attention.patch import patched
 from ..errors import HFAError, NonFiniteError
 from .io import check_finite, token_blocks
 from .linear import LINEAR_NEW_MODULES, attention_transfer_loss, check_linear_student
@@ -273,6 +282,37 @@ def _check_pair(student, teacher, stage: str, checkpoint_dir, checkpoint_every) 
     return stage_obj
 
 
+def _ring_settings(student, stage: str, seq_len: int, ce_weight: float):
+    """The student's ring settings when it is patched with backend="ring" (sequence parallel), else None."""
+    from ..attention.registry import IMPL_NAMES
+    if student.config._attn_implementation != IMPL_NAMES["ring"]:
+        return None
+    ring = _ring.settings(student)
+    world, _ = _ring.group_info(ring.group)
+    if stage != "logits":
+        raise HFAError(f"stage={stage!r} does not run with ring attention; use stage='logits'")
+    if ce_weight:
+        raise HFAError("ce_weight > 0 does not run with ring attention (next-token pairs cross the chunks of the "
+                       "split); use the KL alone (ce_weight=0)")
+    parts = 2 * world if ring.layout == "zigzag" else world
+    if seq_len % parts:
+        raise HFAError(f"seq_len={seq_len} does not split over {world} ring processes ({ring.layout}: a multiple "
+                       f"of {parts}); pick seq_len={seq_len + (-seq_len % parts)}")
+    return ring
+
+
+class _RingInputs(nn.Module):
+    """The stage sees a model; this one feeds it the rank's share of each block with the matching positions."""
+
+    def __init__(self, model, ring):
+        super().__init__()
+        self.model, self.ring = model, ring
+
+    def forward(self, input_ids, **kwargs):
+        batch = _ring.prepare(input_ids, group=self.ring.group, layout=self.ring.layout)
+        return self.model(**batch, **kwargs)
+
+
 def _resume(state_path: Path | None, fingerprint: dict, named, optimizer, scheduler) -> tuple[int, list[float]]:
     """(step to start at, losses so far) from the checkpoint at `state_path`, loaded into the trainable weights,
     optimizer and scheduler; (0, []) without one."""
@@ -343,8 +383,19 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
 
     stage_obj = _check_pair(student, teacher, stage, checkpoint_dir, checkpoint_every)
     trainable = stage_obj.default_trainable if trainable is None else trainable
+    ring = _ring_settings(student, stage, seq_len, ce_weight)
     accelerator = Accelerator()
     world, rank = accelerator.num_processes, accelerator.process_index
+    processes = world
+    if ring is not None:  # one batch for all processes, split along the sequence
+        ring_world, _ = _ring.group_info(ring.group)
+        if ring_world != world:  # gradients would not be summed over the ring: a silently wrong heal
+            raise HFAError(
+                f"the student runs ring attention over {ring_world} processes but accelerate sees {world}: the "
+                f"gradients of each sequence's parts must be combined over exactly the ring's processes. Launch "
+                f"with `accelerate launch --num_processes {ring_world} ...` (on CPUs: ACCELERATE_USE_CPU=1 ... "
+                f"--multi_gpu), with the ring over all processes (group=None)")
+        world, rank = 1, 0
     tokens_per_step = seq_len * batch_size * world
     steps = max_tokens // tokens_per_step
     if steps < 1:
@@ -362,7 +413,7 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
     flags = {n: p.requires_grad for n, p in student.named_parameters()}
     kind = "callable" if callable(trainable) else trainable
     lr = DEFAULT_LR[kind] if lr is None and kind in DEFAULT_LR else lr
-    model, finished = student, False
+    model, finished, undo = student, False, ExitStack()
     try:
         model = _select_trainable(student, trainable, lora_rank, lora_alpha, lora_targets)
         if gradient_checkpointing:
@@ -374,10 +425,15 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
         teacher.to(accelerator.device).eval()
         model.train()
         wrapped, optimizer = accelerator.prepare(model, optimizer)
+        teacher_in = teacher
+        if ring is not None:  # the teacher runs ring attention too, for the call only
+            undo.enter_context(patched(teacher, backend="ring", group=ring.group, ring_mode=ring.mode,
+                                       ring_layout=ring.layout))
+            wrapped, teacher_in = _RingInputs(wrapped, ring), _RingInputs(teacher, ring)
 
         # -- resume
         fingerprint = {"stage": stage, "max_tokens": max_tokens, "seq_len": seq_len, "batch_size": batch_size,
-                       "processes": world, "trainable": kind, "lr": lr, "seed": seed, "kl_weight": kl_weight,
+                       "processes": processes, "trainable": kind, "lr": lr, "seed": seed, "kl_weight": kl_weight,
                        "ce_weight": ce_weight, "temperature": temperature,
                        "parameters": [(n, tuple(p.shape)) for n, p in named],
                        "data": hashlib.sha256(blocks.numpy().tobytes()).hexdigest()}
@@ -393,7 +449,7 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
             mine = order[(step * world + rank) * batch_size:(step * world + rank + 1) * batch_size]
             input_ids = blocks[mine].to(accelerator.device)                    # (B, seq_len)
             with autocast():
-                loss, metrics = stage_obj.loss(wrapped, teacher, input_ids, **loss_options)
+                loss, metrics = stage_obj.loss(wrapped, teacher_in, input_ids, **loss_options)
             stopped = lambda what, value: _stopped(step, steps, what, value, lr, model is not student)
             losses.append(_optimizer_step(accelerator, loss, params, grad_clip, optimizer, scheduler, stopped))
             bar.update(1)
@@ -413,11 +469,13 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
         seconds = time.perf_counter() - t0
         finished = True
     finally:
+        undo.close()
         _hand_back(student, model, finished, gradient_checkpointing and not was_checkpointing, flags, was_training)
         accelerator.free_memory()
 
     with_provenance(student, student, {
         "distill": stage, "tokens": steps * tokens_per_step, "trainable": kind, "lr": lr, "seq_len": seq_len,
-        "batch_size": batch_size, "processes": world, "kl_weight": kl_weight, "ce_weight": ce_weight,
-        "temperature": temperature, "bf16": use_bf16, "seed": seed})
+        "batch_size": batch_size, "processes": processes, "kl_weight": kl_weight, "ce_weight": ce_weight,
+        "temperature": temperature, "bf16": use_bf16, "seed": seed,
+        **({"sequence_parallel": f"ring x{processes}"} if ring is not None else {})})
     return DistillResult(student, losses, steps * tokens_per_step, steps, seconds, start)

@@ -179,3 +179,27 @@ def test_the_schedule_never_starts_at_the_peak():
     ramp = [lr_factor(s, 100, 0.05) for s in range(8)]
     assert ramp[:5] == sorted(ramp[:5]) and ramp[4] == pytest.approx(5 / 6) and ramp[5] == pytest.approx(1.0)
     assert lr_factor(99, 100, 0.05) == pytest.approx(0.1, abs=2e-3)
+
+
+@pytest.mark.slow
+def test_ring_attention_distill_on_two_processes_matches_one_process():
+    """A student patched with backend="ring": both processes train on the same blocks, each on half of every
+    sequence, and end where one process training on whole sequences ends."""
+    from hf_efficient_attn.kernels.ring import run_distributed
+    from tests.conversions.distill_worker import ring_distill
+
+    one = run_tiny(steps=3)
+    ranks = run_distributed(ring_distill, 2, args=(3,))
+    for r in ranks:
+        assert r["tokens"] == one.tokens and r["teacher_restored"]
+        assert "accelerate sees 1" in r["refused"] and "ACCELERATE_USE_CPU" in r["refused"]
+        assert r["record"]["sequence_parallel"] == "ring x2" and r["record"]["processes"] == 2
+        assert torch.allclose(torch.tensor(r["losses"]), torch.tensor(one.losses), rtol=1e-4, atol=1e-7)
+        for n, w in one.model.state_dict().items():
+            assert torch.allclose(r["weights"][n], w, atol=1e-5, rtol=1e-4), n
+
+
+def test_ring_distill_refuses_what_it_cannot_split():
+    from hf_efficient_attn.conversions.distill import _ring_settings
+    student, _ = pair()
+    assert _ring_settings(student, "logits", SEQ, 0.0) is None   # not ring-patched: plain data parallel
