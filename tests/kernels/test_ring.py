@@ -111,6 +111,10 @@ def test_merge_of_split_keys_equals_whole():
     merge_partials(out, lse, *b)
     assert_close_rms(out, whole)
     assert torch.allclose(lse, whole_lse)
+    folded = (a[0].clone(), a[1].clone())  # the same, tile by tile into the running result
+    block_attention_forward(q, k[:, :, 3:], v[:, :, 3:], pos_q, pos_k[3:], scale=0.5, causal=False, into=folded)
+    assert_close_rms(folded[0], whole)
+    assert torch.allclose(folded[1], whole_lse)
     empty_o, empty_l = torch.zeros_like(out), torch.full_like(lse, -math.inf)
     merge_partials(out, lse, empty_o, empty_l)
     assert_close_rms(out, whole)
@@ -186,6 +190,8 @@ TRITON_CASES = [
 
 @pytest.mark.triton_interpret
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors through the interpreter; on a GPU "
+                    "test_ring_attention_triton_pieces_on_cuda runs them for real")
 def test_ring_attention_triton_pieces_match_dense():
     """The per-pair work on our flash kernels (unmasked pairs and aligned diagonals; the rest on torch), 2 ranks."""
     for rank, results in enumerate(run_distributed(ring_cases.run_cases, 2, args=(TRITON_CASES,))):
@@ -212,3 +218,31 @@ def test_flash_backward_takes_a_strided_lse():
     got = _flash_bwd(do, None, q, k, v, o, wide[:, :, :n], sinks=None, **opts)[:3]
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def _cuda_pieces(rank, world):
+    """One rank (no traffic) on CUDA: the zigzag split still cuts the sequence into diagonal and full pairs."""
+    from hf_efficient_attn.kernels.softmax import softmax_attention_reference
+    torch.manual_seed(0)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(2, 6, 512, 64, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(2, 2, 512, 64, device="cuda", dtype=dtype, requires_grad=True)
+        v = torch.randn(2, 2, 512, 64, device="cuda", dtype=dtype, requires_grad=True)
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref, _ = softmax_attention_reference(qd, kd, vd, causal=True, window=100)
+        do = torch.randn_like(ref)
+        ref.backward(do)
+        got, _ = ring_attention(q, k, v, causal=True, window=100, local="triton", layout="zigzag")
+        got.backward(do.to(dtype))
+        rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+        out[str(dtype)] = [rel(got, ref), rel(q.grad, qd.grad), rel(k.grad, kd.grad), rel(v.grad, vd.grad)]
+    return out
+
+
+@pytest.mark.gpu
+def test_ring_attention_triton_pieces_on_cuda():
+    (res,) = run_distributed(_cuda_pieces, 1)
+    for dtype, errs in res.items():
+        tol = 1e-5 if dtype == "torch.float32" else 1.6e-2
+        assert max(errs) <= tol, (dtype, errs)

@@ -52,19 +52,21 @@ def _acc_dtype(t):
 
 
 def _allowed(q_pos, k_pos, causal, window):
-    d = q_pos[:, None] - k_pos[None, :]
-    ok = torch.ones(d.shape, dtype=torch.bool, device=d.device)
+    """[n, m] bool from comparisons only (no [n, m] int64 distance matrix)."""
+    p, j = q_pos[:, None], k_pos[None, :]
     if causal:
-        ok = d >= 0
-        if window is not None:
-            ok = ok & (d < window)
-    elif window is not None:
-        ok = d.abs() < window
-    return ok
+        ok = j <= p
+        return ok if window is None else ok & (j > p - window)
+    if window is None:
+        return torch.ones(len(q_pos), len(k_pos), dtype=torch.bool, device=q_pos.device)
+    return (j > p - window) & (j < p + window)
 
 
-def _rows_per_tile(B, Hq, m):
-    return max(1, TILE_ELEMENTS // max(1, B * Hq * m))
+def _rows_per_tile(B, Hq, n, m, D):
+    """Query rows per tile: at most TILE_ELEMENTS scores, and at most half as many as the piece has query
+    elements, so the workspace shrinks with the piece (ring attention's memory per rank scales as 1 / W)."""
+    limit = min(TILE_ELEMENTS, max(1 << 15, B * Hq * n * D // 2))
+    return max(1, limit // max(1, B * Hq * m))
 
 
 def _tile_mask(q_pos, k_pos, k_valid, r0, r1, masked, causal, window, B):
@@ -78,23 +80,29 @@ def _tile_mask(q_pos, k_pos, k_valid, r0, r1, masked, causal, window, B):
     return ok
 
 
-def block_attention_forward(q, k, v, q_pos, k_pos, k_valid=None, *, scale, causal, window=None, masked=True):
+def block_attention_forward(q, k, v, q_pos, k_pos, k_valid=None, *, scale, causal, window=None, masked=True,
+                            into=None):
     """One piece of attention: ``(out [B, Hq, n, Dv], lse [B, Hq, n])``, both fp32 (fp64 for fp64 inputs).
 
-    masked: apply the position rules (False when :func:`pair_kind` said "full"; key padding always applies)."""
+    masked: apply the position rules (False when :func:`pair_kind` said "full"; key padding always applies).
+    into: a running ``(out, lse)`` (fp32, these rows) to fold each tile into with :func:`merge_partials` instead
+    of returning the piece (no piece-sized temporaries: what ring attention does); returns it."""
     B, Hq, n, D = q.shape
     Hkv, m, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = Hq // Hkv
     acc = _acc_dtype(q)
-    out = torch.zeros(B, Hq, n, Dv, dtype=acc, device=q.device)
-    lse = torch.full((B, Hq, n), -math.inf, dtype=acc, device=q.device)
+    if into is None:
+        out = torch.zeros(B, Hq, n, Dv, dtype=acc, device=q.device)
+        lse = torch.full((B, Hq, n), -math.inf, dtype=acc, device=q.device)
+    else:
+        out, lse = into
     if n == 0 or m == 0:
         return out, lse
     kt = k.to(acc).transpose(-1, -2)  # (B, Hkv, D, m)
     va = v.to(acc)
     qg = q.unflatten(1, (Hkv, G))
     og, lg = out.unflatten(1, (Hkv, G)), lse.unflatten(1, (Hkv, G))
-    rows = _rows_per_tile(B, Hq, m)
+    rows = _rows_per_tile(B, Hq, n, m, D)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         r = r1 - r0
@@ -109,8 +117,13 @@ def block_attention_forward(q, k, v, q_pos, k_pos, k_valid=None, *, scale, causa
         l = p.sum(-1, keepdim=True)  # noqa: E741
         o = torch.matmul(p.view(B, Hkv, G * r, m), va).view(B, Hkv, G, r, Dv)
         seen = l > 0
-        og[:, :, :, r0:r1] = torch.where(seen, o / torch.where(seen, l, torch.ones_like(l)), torch.zeros_like(o))
-        lg[:, :, :, r0:r1] = torch.where(seen, mx_safe + torch.log(l), torch.full_like(l, -math.inf)).squeeze(-1)
+        o_t = torch.where(seen, o / torch.where(seen, l, torch.ones_like(l)), torch.zeros_like(o))
+        l_t = torch.where(seen, mx_safe + torch.log(l), torch.full_like(l, -math.inf)).squeeze(-1)
+        if into is None:
+            og[:, :, :, r0:r1], lg[:, :, :, r0:r1] = o_t, l_t
+        else:
+            merge_partials(og[:, :, :, r0:r1], lg[:, :, :, r0:r1], o_t, l_t)
+        del s, p, ok  # one tile alive at a time
     return out, lse
 
 
@@ -134,7 +147,7 @@ def block_attention_backward(q, k, v, dout, lse, delta, q_pos, k_pos, k_valid=No
     qg, dog = q.unflatten(1, (Hkv, G)), dout.unflatten(1, (Hkv, G))
     lg, deg = lse.unflatten(1, (Hkv, G)), delta.unflatten(1, (Hkv, G))
     dqg = dq.unflatten(1, (Hkv, G))
-    rows = _rows_per_tile(B, Hq, m)
+    rows = _rows_per_tile(B, Hq, n, m, D)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         r = r1 - r0
@@ -153,6 +166,7 @@ def block_attention_backward(q, k, v, dout, lse, delta, q_pos, k_pos, k_valid=No
         ds = p.mul_(dp.sub_(deg[:, :, :, r0:r1].to(acc).unsqueeze(-1))).view(B, Hkv, G * r, m)
         dqg[:, :, :, r0:r1] = torch.matmul(ds, ka).mul_(scale).view(B, Hkv, G, r, D)
         dk += torch.matmul(ds.transpose(-1, -2), qt).mul_(scale)
+        del s, p, p2, dp, ds, ok  # one tile alive at a time
     return dq, dk, dv
 
 
@@ -160,10 +174,10 @@ def merge_partials(out, lse, out_b, lse_b):
     """Fold the piece ``(out_b, lse_b)`` into the running ``(out, lse)`` IN PLACE, in fp32 (or fp64).
 
     out / out_b: ``[..., n, Dv]``; lse / lse_b: ``[..., n]``. Rows where both are empty stay 0 / -inf."""
-    ob, lb = out_b.to(out.dtype), lse_b.to(lse.dtype)
+    lb = lse_b.to(lse.dtype)
     new = torch.logaddexp(lse, lb)
     safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)
     wa, wb = torch.exp(lse - safe).unsqueeze(-1), torch.exp(lb - safe).unsqueeze(-1)
-    out.mul_(wa).add_(ob * wb)
+    out.mul_(wa).addcmul_(out_b.to(out.dtype), wb)
     lse.copy_(new)
     return out, lse

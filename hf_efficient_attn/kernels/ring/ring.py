@@ -5,7 +5,8 @@ queries, keys and values. Two ways to meet every K/V block:
 
 * ``mode="ring"``: W steps; at step ``s`` a rank computes its queries against the block of rank ``r - s`` while
   it passes that block on to rank ``r + 1`` and receives the next from ``r - 1`` (non-blocking P2P, overlapped
-  with the compute). Memory: two K/V blocks (the one in use and the one arriving). Backward: the K/V blocks
+  with the compute). From W = 3 the block travels as two pieces (its two zigzag chunks), each sent while the
+  other is computed on, so besides its own K/V a rank holds 1.5 blocks, not 2. Backward: the K/V blocks
   travel the same way again and each block's dK/dV accumulator (fp32) travels WITH it, collecting every rank's
   contribution, and arrives back at its owner after the last step (the ring-flash-attention scheme).
 * ``mode="allgather"``: one all-gather of K/V, the same per-block compute, and in backward a re-gather and one
@@ -95,8 +96,9 @@ def _send_recv(tensors, cfg, tag):
     """Post sends of ``tensors`` to the next rank and receives of like tensors from the previous one."""
     nxt, prv = _peer(cfg.group, (cfg.rank + 1) % cfg.world), _peer(cfg.group, (cfg.rank - 1) % cfg.world)
     bufs = [torch.empty_like(t) for t in tensors]
-    ops = [dist.P2POp(dist.isend, t, nxt, cfg.group, tag) for t in tensors]
-    ops += [dist.P2POp(dist.irecv, b, prv, cfg.group, tag) for b in bufs]
+    # receives first: a message that arrives before its receive is posted is staged in a transport buffer
+    ops = [dist.P2POp(dist.irecv, b, prv, cfg.group, tag) for b in bufs]
+    ops += [dist.P2POp(dist.isend, t, nxt, cfg.group, tag) for t in tensors]
     _count(sum(t.numel() * t.element_size() for t in tensors), len(tensors))
     return bufs, dist.batch_isend_irecv(ops)
 
@@ -154,17 +156,44 @@ def choose_mode(mode: str, world: int, q_heads: int, kv_heads: int) -> str:
     return "allgather" if world * kv_heads <= q_heads else "ring"
 
 
-def _pairs(cfg, src):
-    """(q offset, q segment, k offset, k segment, kind) for this rank's queries against rank ``src``'s keys."""
+def _key_segments(cfg, src):
+    """(offset in the block, segment) of every run of rank ``src``'s keys."""
+    out, off = [], 0
+    for seg in segments(cfg.seq_len, cfg.world, src, cfg.layout):
+        out.append((off, seg))
+        off += seg[1]
+    return out
+
+
+def _pieces(cfg, src):
+    """How rank ``src``'s block travels in the ring forward: (offset, length, its key runs relative to the piece).
+
+    W = 2: whole (one step of traffic; the own block is sent as it is). W >= 3: two pieces (the zigzag chunks, or
+    two halves), each sent while the other is computed on, so besides its own K/V a rank holds 1.5 blocks, not 2
+    (the own block's pieces are copied once, at the first step: P2P sends whole tensors)."""
+    segs = _key_segments(cfg, src)
+    L = sum(n for _, (_, n) in segs)
+    if cfg.world < 3:
+        return [(0, L, segs)]
+    if len(segs) == 1:
+        (_, (a, n)), = segs
+        h = n // 2
+        if h == 0:
+            return [(0, L, segs)]
+        segs = [(0, (a, h)), (h, (a + h, n - h))]
+    return [(off, seg[1], [(0, seg)]) for off, seg in segs]
+
+
+def _pairs(cfg, src, k_segs=None):
+    """(q offset, q segment, k offset, k segment, kind) for this rank's queries against rank ``src``'s keys
+    (``k_segs``: the (offset, segment) runs of the keys at hand; default: all of ``src``'s)."""
     out = []
     q_off = 0
     for qs in segments(cfg.seq_len, cfg.world, cfg.rank, cfg.layout):
-        k_off = 0
-        for ks in segments(cfg.seq_len, cfg.world, src, cfg.layout):
+        for k_off, ks in (k_segs if k_segs is not None else _key_segments(cfg, src)):
             kind = pair_kind(qs, ks, cfg.causal, cfg.window)
             if kind != "skip":
                 out.append((q_off, qs, k_off, ks, kind))
-            k_off += ks[1]
         q_off += qs[1]
     return out
 
@@ -186,20 +215,20 @@ def _pos(seg, device):
     return torch.arange(seg[0], seg[0] + seg[1], device=device)
 
 
-def _block_forward(q, k, v, kpm, src, out, lse, cfg):
-    """Fold this rank's queries against rank ``src``'s block into ``(out, lse)``."""
-    for q_off, qs, k_off, ks, kind in _pairs(cfg, src):
+def _block_forward(q, k, v, kpm, src, out, lse, cfg, k_segs=None):
+    """Fold this rank's queries against rank ``src``'s block (or the piece ``k_segs`` says) into ``(out, lse)``."""
+    for q_off, qs, k_off, ks, kind in _pairs(cfg, src, k_segs):
         qp = q.narrow(2, q_off, qs[1])
         kp, vp = k.narrow(2, k_off, ks[1]), v.narrow(2, k_off, ks[1])
         mp = kpm.narrow(1, k_off, ks[1])
         if _triton_serves(qs, ks, kind, cfg):
             from ..softmax.triton_flash import _flash_fwd
             o_b, l_b = _flash_fwd(qp, kp, vp, sinks=None, **_flash_options(kind, cfg, mp, qs[1], ks[1]))
-        else:
-            o_b, l_b = block_attention_forward(qp, kp, vp, _pos(qs, q.device), _pos(ks, q.device), mp,
-                                               scale=cfg.scale, causal=cfg.causal, window=cfg.window,
-                                               masked=kind == "masked")
-        merge_partials(out.narrow(2, q_off, qs[1]), lse.narrow(2, q_off, qs[1]), o_b, l_b)
+            merge_partials(out.narrow(2, q_off, qs[1]), lse.narrow(2, q_off, qs[1]), o_b, l_b)
+        else:  # folded into the running result tile by tile
+            block_attention_forward(qp, kp, vp, _pos(qs, q.device), _pos(ks, q.device), mp, scale=cfg.scale,
+                                    causal=cfg.causal, window=cfg.window, masked=kind == "masked",
+                                    into=(out.narrow(2, q_off, qs[1]), lse.narrow(2, q_off, qs[1])))
 
 
 def _block_backward(q, k, v, kpm, src, dout, dlse, out, lse, delta, dq, cfg):
@@ -239,16 +268,24 @@ def _forward(q, k, v, kpm, cfg):
         for src in range(cfg.world):
             _block_forward(q, ks[src], vs[src], ms[src], src, out, lse, cfg)
         return out, lse
-    blk = (k, v, kpm)
+    own = _pieces(cfg, cfg.rank)
+    cur = [(k.narrow(2, off, n), v.narrow(2, off, n), kpm.narrow(1, off, n)) for off, n, _ in own]
     for step in range(cfg.world):
         src = (cfg.rank - step) % cfg.world
         last = step == cfg.world - 1
-        if not last:
-            incoming, reqs = _send_recv(blk, cfg, tag=1)
-        _block_forward(q, *blk, src, out, lse, cfg)
-        if not last:
-            _wait(reqs)
-            blk = tuple(incoming)
+        nxt = []
+        for i, (_, _, k_segs) in enumerate(_pieces(cfg, src)):
+            piece, cur[i] = cur[i], None
+            if not last:
+                send = tuple(t if t.is_contiguous() else t.contiguous() for t in piece)
+                incoming, reqs = _send_recv(send, cfg, tag=1)
+            _block_forward(q, *piece, src, out, lse, cfg, k_segs=k_segs)
+            if not last:
+                _wait(reqs)
+                nxt.append(tuple(incoming))
+                del incoming, reqs, send  # the requests hold their tensors
+            del piece
+        cur = nxt
     return out, lse
 
 
@@ -263,8 +300,8 @@ def _backward(q, k, v, kpm, out, lse, dout, dlse, cfg):
         dks = torch.zeros(ks.shape, dtype=acc, device=k.device)
         dvs = torch.zeros(vs.shape, dtype=acc, device=v.device)
         for src in range(cfg.world):
-            dks[src], dvs[src] = _block_backward(q, ks[src], vs[src], ms[src], src, dout, dlse, out, lse, delta,
-                                                        dq, cfg)
+            dks[src], dvs[src] = _block_backward(q, ks[src], vs[src], ms[src], src, dout, dlse, out, lse,
+                                                 delta, dq, cfg)
         return dq, _reduce_scatter(dks, cfg), _reduce_scatter(dvs, cfg)
     blk = (k, v, kpm)
     grads, acc_reqs = None, None
@@ -276,13 +313,15 @@ def _backward(q, k, v, kpm, out, lse, dout, dlse, cfg):
         dk_b, dv_b = _block_backward(q, *blk, src, dout, dlse, out, lse, delta, dq, cfg)
         if acc_reqs is not None:  # the accumulator of this block, with the shares of the ranks it has visited
             _wait(acc_reqs)
-            dk_b, dv_b = dk_b + grads[0], dv_b + grads[1]
+            dk_b, dv_b = dk_b.add_(grads[0]), dv_b.add_(grads[1])
+            del acc_reqs, held, grads
         if cfg.world > 1:
             grads, acc_reqs = _send_recv((dk_b, dv_b), cfg, tag=2)
             held = (dk_b, dv_b)  # send buffers stay alive until their requests complete
         if not last:
             _wait(kv_reqs)
             blk = tuple(incoming)
+            del incoming, kv_reqs
     if cfg.world == 1:
         return dq, dk_b, dv_b
     _wait(acc_reqs)
