@@ -422,7 +422,8 @@ def _run_conversion(step: DemoConversion, model, tokenizer, calibration: TextDat
 def run_demo(max_tokens: int = 8192, context_length: int = 512, out_dir=None, speed_contexts=(128, 512),
              decode_tokens: int = 16, patch_new_tokens: int = 32, conversions=None, progress: bool = True,
              echo: Callable[[str], None] = print) -> dict:
-    """The main job on the bundled defaults, offline: SmolLM2-135M, the patch check, every conversion of
+    """The main job on the bundled defaults, offline: SmolLM2-135M, the patch check, the ring-attention check (2 local
+    processes, `ring_check`), every conversion of
     `DEMO_CONVERSIONS` (or the given list; ``[]`` for none), each evaluated on the held-out split of the
     bundled corpus; one table.
 
@@ -434,12 +435,19 @@ def run_demo(max_tokens: int = 8192, context_length: int = 512, out_dir=None, sp
     echo("hfa demo: SmolLM2-135M-Instruct (bundled), held-out split of the bundled Python-docs corpus")
     model, tok = load_model("smollm2-135m")
 
-    echo("\n[1/3] patch check: stock sdpa vs hf_efficient_attn")
+    echo("\n[1/4] patch check: stock sdpa vs hf_efficient_attn")
     from .patch_check import patch_check, print_patch_check
     check = patch_check("smollm2-135m", new_tokens=patch_new_tokens)
     print_patch_check(check)
 
-    echo(f"\n[2/3] conversions: {', '.join(c.label for c in conversions) if conversions else 'none'}")
+    echo(f"\n[2/4] ring attention: {context_length} held-out tokens split over 2 local processes (gloo) vs one")
+    from .ring_check import format_ring_check, ring_check
+    ring_res = ring_check("smollm2-135m", world=2, tokens=context_length, gen_prompt=min(64, context_length),
+                          new_tokens=4)
+    echo(format_ring_check(ring_res))
+    ring_ok = ring_res["max_abs_logit_diff"] <= 1e-4 and ring_res["generate_equal"]
+
+    echo(f"\n[3/4] conversions: {', '.join(c.label for c in conversions) if conversions else 'none'}")
     entries = [("smollm2-135m", model, tok)]
     calibration = load_text(None, split="calibration") if conversions else None
     for step in conversions:
@@ -448,13 +456,14 @@ def run_demo(max_tokens: int = 8192, context_length: int = 512, out_dir=None, sp
         echo(f"  {step.label}: converted in {time.perf_counter() - t0:.1f} s")
         entries.append((f"smollm2-135m {step.label}", converted, tok))
 
-    echo(f"\n[3/3] evaluating {len(entries)} model(s) on {max_tokens} held-out tokens, context {context_length}")
+    echo(f"\n[4/4] evaluating {len(entries)} model(s) on {max_tokens} held-out tokens, context {context_length}")
     reports = evaluate_models(entries, None, context_length=context_length, max_tokens=max_tokens,
                               speed_contexts=speed_contexts, decode_tokens=decode_tokens, progress=progress)
     table = format_table(reports)
     echo("\n" + table)
     files = None
     if out_dir is not None:
-        files = write_report(reports, out_dir, extra={"patch_check": check})
+        files = write_report(reports, out_dir, extra={"patch_check": check, "ring_check": ring_res})
         echo(f"\nwrote {files['json']}, {files['markdown']}" + "".join(f", {p}" for p in files["plots"]))
-    return {"patch_check": check, "reports": reports, "table": table, "files": files, "ok": bool(check.get("ok"))}
+    return {"patch_check": check, "ring_check": ring_res, "reports": reports, "table": table, "files": files,
+            "ok": bool(check.get("ok")) and ring_ok}

@@ -314,10 +314,9 @@ def _backward(q, k, v, kpm, out, lse, dout, dlse, cfg):
         if acc_reqs is not None:  # the accumulator of this block, with the shares of the ranks it has visited
             _wait(acc_reqs)
             dk_b, dv_b = dk_b.add_(grads[0]), dv_b.add_(grads[1])
-            del acc_reqs, held, grads
+            del acc_reqs, grads
         if cfg.world > 1:
-            grads, acc_reqs = _send_recv((dk_b, dv_b), cfg, tag=2)
-            held = (dk_b, dv_b)  # send buffers stay alive until their requests complete
+            grads, acc_reqs = _send_recv((dk_b, dv_b), cfg, tag=2)  # (the requests keep the send buffers alive)
         if not last:
             _wait(kv_reqs)
             blk = tuple(incoming)
@@ -325,7 +324,6 @@ def _backward(q, k, v, kpm, out, lse, dout, dlse, cfg):
     if cfg.world == 1:
         return dq, dk_b, dv_b
     _wait(acc_reqs)
-    del held
     return dq, grads[0], grads[1]
 
 
