@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of the Triton kernels (softmax and linear attention), in one command (installs nothing):
-#   1. the kernel tests on CUDA: pytest -m "triton_interpret or gpu" tests/kernels
+#   1. the kernel tests on CUDA: pytest -m "triton_interpret or gpu" tests/kernels (incl. ring attention's flash
+#      pieces on one rank: test_ring.py::test_ring_attention_triton_pieces_on_cuda)
 #   2. the benchmarks: kernels/bench_attention.py --quick (Triton vs torch SDPA, flash-attn if installed)
 #   3. kernels/bench_linear.py --quick (Triton linear attention vs its PyTorch chunked form and softmax)
 #   4. kernels/bench_sparse.py --quick (Triton block-sparse at 32k, 10% density, vs our dense Triton kernels),

@@ -111,8 +111,8 @@ def test_hfa_demo_runs_and_grows_with_conversions(tmp_path, capsys, monkeypatch)
     payload = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert payload["patch_check"]["ok"] is True
     ring = payload["ring_check"]  # 128 tokens over 2 local processes vs one
-    assert ring["world"] == 2 and ring["tokens"] == 128 and ring["max_abs_logit_diff"] <= 1e-4
-    assert ring["generate_equal"] is True and "ring attention, smollm2-135m, 128 tokens over 2 processes" in out
+    assert ring["world"] == 2 and ring["tokens"] == 128 and ring["max_abs_logit_diff"] <= ring["tolerance"] == 1e-3
+    assert ring["generate_equal"] is True and ring["ok"] is True and "ring attention, smollm2-135m, 128 tokens over 2 processes" in out
     assert [m["model"] for m in payload["models"]] == ["smollm2-135m", "smollm2-135m identity"]
     assert payload["models"][0]["protocol"]["data"] == "python-docs:eval"
 
