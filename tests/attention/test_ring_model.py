@@ -1,6 +1,7 @@
 """hfa.patch(model, backend="ring") on tiny models, 2 and 3 gloo processes: logits, loss and gradients on a
 zigzag-sharded, left-padded batch equal the single-process model's; distributed greedy decoding equals
-transformers' generate; positions that do not follow the layout are refused."""
+transformers' generate; positions that do not follow the layout are refused. (W=2 also runs under the oldest
+transformers we support: `make test-min-transformers`.)"""
 
 import pytest
 import torch
@@ -11,10 +12,8 @@ from hf_efficient_attn.kernels.ring import run_distributed
 from ..tiny_models import make_model
 from . import ring_workers
 
-pytestmark = pytest.mark.slow
 
-
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_ring_forward_backward_equals_single_process(world):
     families = ["llama", "qwen3", "gemma3"]   # GQA, qk-norm, sliding-window + full layers
     for rank, res in enumerate(run_distributed(ring_workers.forward_backward, world, args=(families, 20))):
