@@ -3,6 +3,7 @@
     import hf_efficient_attn as hfa
     hfa.patch(model)                 # attention on our kernels; hfa.unpatch(model) undoes it
     hfa.patch(model, sparse=hfa.sparse.top_p(0.95)); hfa.sparse.density(model)   # training-free sparse prefill
+    hfa.patch(model, kv=hfa.kv.streaming(4, 1024))   # a bounded KV cache: StreamingLLM, SnapKV, Quest
     hfa.patch(model, backend="ring"); model(**hfa.ring.prepare(ids))   # under torchrun: a sequence over processes
     from_pretrained(..., attn_implementation="hfa")   # also works after this import
     res = hfa.perplexity(model, tok, data, context_length=512)
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 
 _API = {
     "is_patched": "attention", "patch": "attention", "patched": "attention", "unpatch": "attention",
-    "sparse": "attention", "ring": "attention",
+    "sparse": "attention", "kv": "attention", "ring": "attention",
     "convert": "conversions", "distill": "conversions", "save": "conversions", "load": "conversions",
     "expand_kv_heads": "conversions",
     "perplexity": "eval", "kv_cache_bytes": "eval", "load_model": "eval", "load_text": "eval",
@@ -30,7 +31,7 @@ from . import errors  # noqa: E402  the user-error types; standard library only
 from .errors import HFAError  # noqa: E402
 
 try:
-    from .attention import is_patched, patch, patched, ring, sparse, unpatch  # noqa: F401  registers "hfa", "hfa_triton", "hfa_reference"
+    from .attention import is_patched, kv, patch, patched, ring, sparse, unpatch  # noqa: F401  registers "hfa", "hfa_triton", "hfa_reference"
     from .conversions import convert, distill, expand_kv_heads, load, save  # noqa: F401  every conversion, listed in CONVERSIONS
     from .eval import kv_cache_bytes, load_model, load_text, perplexity  # noqa: F401
 except ModuleNotFoundError as _e:

@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from . import ring as _ring
+from .kv import apply as _kv
 from .backends import BACKENDS, triton_can_run
 from .registry import BACKEND_OF_IMPL, IMPL_NAMES
 from .sparse.apply import attach, detach, pattern_of
@@ -60,7 +61,7 @@ def is_patched(model) -> bool:
     return model.config._attn_implementation in BACKEND_OF_IMPL
 
 
-def patch(model, backend: str = "auto", sparse=None, *, group=None, ring_mode: str = "auto",
+def patch(model, backend: str = "auto", sparse=None, *, kv=None, group=None, ring_mode: str = "auto",
           ring_layout: str = "zigzag"):
     """Make every attention layer of ``model`` run on our kernels; returns the same model.
 
@@ -76,6 +77,11 @@ def patch(model, backend: str = "auto", sparse=None, *, group=None, ring_mode: s
     pattern cannot compute exactly (softcap, attention sinks, explicit masks) raise a ValueError. None (default):
     dense attention (a pattern from an earlier patch is removed). ``hfa.sparse.density(model)`` reports what ran.
 
+    kv: a training-free KV-cache policy from :mod:`hf_efficient_attn.attention.kv` (``hfa.kv.streaming(4, 1024)``,
+    ``snapkv(1024)``, ``quest(16, 1024)``): the model's DynamicCache gets the policy's cache layers on its
+    full-attention layers (generate, beam search and padded batches as usual), and their attention calls read what
+    the policy keeps. None (default): the full cache (a policy from an earlier patch is removed).
+
     backend="ring" (under torchrun / accelerate launch, with a torch.distributed process group): exact attention over
     sequences split across the processes of ``group`` (default: all), see :mod:`hf_efficient_attn.attention.ring`;
     feed it batches from ``hfa.ring.prepare``. ring_mode: "auto" | "ring" | "allgather" (how K/V reach every rank);
@@ -86,6 +92,7 @@ def patch(model, backend: str = "auto", sparse=None, *, group=None, ring_mode: s
     _check_model(model)
     if sparse is not None:
         _check_sparse(model, sparse)
+    shifts = _check_kv(model, kv, sparse, backend)
     ring = None
     if backend == "ring":
         ring = _ring.check_settings(group, ring_mode, ring_layout)
@@ -116,7 +123,45 @@ def patch(model, backend: str = "auto", sparse=None, *, group=None, ring_mode: s
         detach(model)
     else:
         attach(model, sparse)
+    if kv is None:
+        _kv.detach(model)
+    else:
+        _kv.attach(model, kv, shifts)
     return model
+
+
+def _check_kv(model, policy, sparse, backend):
+    """None or the RoPE shifts the policy needs; TypeError/ValueError for what cannot run."""
+    if policy is None:
+        return None
+    from .kv import KVPolicy
+    if not isinstance(policy, KVPolicy):
+        raise TypeError(f"kv= takes a policy from hfa.kv (streaming, snapkv, quest), got {type(policy).__name__}")
+    if sparse is not None:
+        raise ValueError("kv= and sparse= do not combine yet: a sparse prefill and a KV policy would both decide "
+                         "which keys a query reads. Patch with one of them.")
+    if backend == "ring":
+        raise ValueError("backend='ring' computes exact attention over a sharded cache; it does not combine with kv=")
+    converted = _converted_modules(model)
+    if converted:
+        name, m = converted[0]
+        raise ValueError(f"KV policies apply to softmax attention layers with a KV cache; {name} is a converted "
+                         f"{type(m).__name__}, which keeps its own cache. Patch it without kv=.")
+    can_generate = getattr(model, "can_generate", lambda: False)
+    if getattr(model.config, "is_encoder_decoder", False) or not can_generate():
+        raise ValueError(f"KV policies serve decoder-only causal models with a KV cache; {type(model).__name__} is "
+                         f"not one")
+    if not _kv.policy_layer_ids(model.config):
+        raise ValueError(f"{type(model).__name__} has no full-attention layer (all use a sliding window, whose "
+                         f"cache is already bounded): a KV policy has nothing to take over")
+    if not policy.needs_rope:
+        return None
+    from .kv.rope import rope_shifts
+    shifts = rope_shifts(model)
+    if isinstance(shifts, str):
+        raise ValueError(f"KV policy {policy.name} places kept tokens by their cache slot (StreamingLLM), which "
+                         f"needs their keys shifted along RoPE: {shifts}")
+    return shifts
 
 
 def _check_sparse(model, pattern) -> None:
@@ -155,6 +200,7 @@ def unpatch(model):
     model.set_attn_implementation(saved)
     _restore_backends(model, model.__dict__.pop(_SAVED_BACKENDS, {}))
     detach(model)
+    _kv.detach(model)
     _ring.detach(model)
     return model
 
@@ -166,15 +212,16 @@ def _restore_backends(model, saved: dict) -> None:
 
 
 @contextlib.contextmanager
-def patched(model, backend: str = "auto", sparse=None, **ring_options):
+def patched(model, backend: str = "auto", sparse=None, *, kv=None, **ring_options):
     """Context manager: the model is patched inside the block and restored after it, even on error.
-    ring_options: group / ring_mode / ring_layout of :func:`patch` (backend="ring")."""
+    kv: a KV policy (:func:`patch`); ring_options: group / ring_mode / ring_layout of :func:`patch` (backend="ring")."""
     was_patched = is_patched(model)
     before = model.config._attn_implementation
     backends_before = {name: m.backend for name, m in _converted_modules(model)}
     pattern_before = pattern_of(model)
     ring_before = _ring.attached(model)
-    patch(model, backend=backend, sparse=sparse, **ring_options)
+    kv_before = _kv.state_of(model)
+    patch(model, backend=backend, sparse=sparse, kv=kv, **ring_options)
     try:
         yield model
     finally:
@@ -189,5 +236,9 @@ def patched(model, backend: str = "auto", sparse=None, **ring_options):
                 _ring.detach(model)
             else:
                 _ring.attach(model, ring_before)
+            if kv_before is None:
+                _kv.detach(model)
+            else:
+                _kv.attach(model, kv_before.policy, kv_before.shifts)
         else:
             unpatch(model)

@@ -44,6 +44,7 @@ from transformers.masking_utils import AttentionMaskInterface, prepare_padding_m
 from ..kernels.softmax import dense_attention_mask, softmax_attention_reference
 from .backends import BACKENDS, _logged_once, log_once, logger, triton_can_run, use_triton  # noqa: F401
 from . import ring as _ring
+from .kv.apply import kv_layer
 from .sparse.apply import sparse_layer
 
 IMPL_NAMES = {"auto": "hfa", "reference": "hfa_reference", "triton": "hfa_triton", "ring": "hfa_ring"}
@@ -441,6 +442,20 @@ def make_attention_function(backend: str):
         reason = _not_native_reason(kwargs)
         if backend == "ring":
             return ring_attention_call(module, query, key, value, attention_mask, scaling, dropout, kwargs, reason)
+        kvl = kv_layer(module)  # set by hfa.patch(model, kv=...): the KV policy
+        if kvl is not None:
+            if reason is not None and kvl.cache_layer(module, key) is not None:
+                raise ValueError(f"KV policy {kvl.state.policy.name} cannot run {type(module).__name__}: its "
+                                 f"attention call carries {reason}. hfa.unpatch(model) restores the full cache.")
+
+            def dense_call():
+                opts = _options_from_call(module, query, key, attention_mask, scaling, dropout, kwargs)
+                return softmax_attention(query, key, value, backend=backend, **opts)
+            if reason is None:
+                out = kvl.attend(module, query, key, value, attention_mask, scaling, dropout, kwargs, dense_call,
+                                 backend)
+                if out is not None:
+                    return out.transpose(1, 2).contiguous(), None
         layer = sparse_layer(module)  # set by hfa.patch(model, sparse=...): the pattern and its records
         if layer is not None:
             windowed = _windowed(attention_mask, kwargs)

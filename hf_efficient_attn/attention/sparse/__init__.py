@@ -21,6 +21,7 @@ runs and what is refused. After a forward pass, :func:`density` says how much wa
 output error against dense on the exact model's own inputs.
 """
 
+from ..spec import from_spec as _from_spec
 from .apply import density, is_sparse, layer_errors, pattern_of
 from .base import DECODE_MAX_Q_LEN, SparsePattern, SparsePlan, full
 from .dilated import dilated
@@ -35,37 +36,11 @@ PATTERNS = {"streaming": streaming, "longformer": longformer, "dilated": dilated
 
 
 
-def _value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
 def from_spec(spec: str) -> SparsePattern:
     """A pattern from its command-line spelling ``NAME[:KEY=VALUE,...]``, e.g. ``top_p:gamma=0.95,block=64`` or
     ``streaming:sinks=4,window=1024`` (what ``hfa eval --sparse`` takes). Raises ValueError naming the patterns or
     the factory's options when the spec does not fit."""
-    import inspect
-
-    name, _, args = spec.strip().partition(":")
-    if name not in PATTERNS:
-        raise ValueError(f"unknown sparse pattern {name!r} in {spec!r}; choose one of {', '.join(PATTERNS)} "
-                         f"(e.g. top_p:gamma=0.95 or streaming:sinks=4,window=1024)")
-    factory = PATTERNS[name]
-    kwargs = {}
-    for item in filter(None, (a.strip() for a in args.split(","))):
-        key, eq, val = item.partition("=")
-        if not eq:
-            raise ValueError(f"sparse option {item!r} in {spec!r} is not KEY=VALUE")
-        kwargs[key.strip()] = _value(val.strip())
-    try:
-        return factory(**kwargs)
-    except TypeError:
-        options = ", ".join(f"{k}={v.default}" for k, v in inspect.signature(factory).parameters.items())
-        raise ValueError(f"{spec!r}: {name} takes the options {options} (defaults shown)") from None
+    return _from_spec(spec, PATTERNS, "sparse pattern", "top_p:gamma=0.95 or streaming:sinks=4,window=1024")
 
 
 __all__ = ["DECODE_MAX_Q_LEN", "PATTERNS", "SparsePattern", "SparsePlan", "density", "dilated", "from_spec", "full", "is_sparse",
