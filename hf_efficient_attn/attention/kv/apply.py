@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import transformers  # noqa: F401  (without transformers: the ModuleNotFoundError the package expects)
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..backends import use_triton

@@ -21,6 +21,7 @@ model's forward hook checks that every updated layer was settled and raises othe
 from __future__ import annotations
 
 import torch
+import transformers  # noqa: F401  (without transformers: the ModuleNotFoundError the package expects)
 from transformers.cache_utils import DynamicLayer
 
 __all__ = ["KVPolicy", "PolicyCacheLayer", "check_int"]
