@@ -57,6 +57,14 @@ def _sparse_spec(text: str):
         raise argparse.ArgumentTypeError(str(e))
 
 
+def _kv_spec(text: str):
+    from .attention.kv import from_spec
+    try:
+        return from_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
 def _add_eval(sub):
     p = sub.add_parser("eval", help="perplexity, KV-cache bytes/token, decode speed and parameters of MODEL(s), "
                                     "side by side on the same data and protocol")
@@ -83,6 +91,13 @@ def _add_eval(sub):
                    help="also evaluate each MODEL with this training-free sparse pattern (repeatable), e.g. "
                         "top_p:gamma=0.95, vertical_slash:vertical=256,slash=256, streaming:sinks=4,window=1024; "
                         "each row reports its block density and per-layer error against dense, beside the dense row")
+    p.add_argument("--kv", action="append", type=_kv_spec, default=[], metavar="POLICY[:K=V,...]",
+                   help="also evaluate each MODEL with this KV-cache policy (repeatable), e.g. "
+                        "streaming:sinks=4,window=1024, snapkv:budget=1024, quest:budget=1024; every row then "
+                        "also reports 'stream ppl' (--stream-tokens tokens fed one at a time through the cache after "
+                        "a --context prefill) beside the full cache")
+    p.add_argument("--stream-tokens", type=int, default=128,
+                   help="tokens scored through the cache for 'stream ppl' when --kv is given (default 128)")
     p.add_argument("--passkey", type=_int_list, default=(), metavar="LENGTHS",
                    help="passkey retrieval accuracy at these prompt lengths, comma-separated (e.g. 1024,4096,8192)")
     p.add_argument("--out", default="hfa-eval", help="folder for report.json, report.md and plots (default hfa-eval)")
@@ -95,7 +110,8 @@ def _add_eval(sub):
                                   max_tokens=args.max_tokens, batch_size=args.batch_size, kv_tokens=args.kv_tokens,
                                   speed_contexts=() if args.no_speed else args.speed_contexts,
                                   decode_tokens=args.decode_tokens, dtype=args.dtype, split=args.split,
-                                  sparse=args.sparse, passkey_lengths=args.passkey, progress=not args.quiet)
+                                  sparse=args.sparse, kv=args.kv, stream_tokens=args.stream_tokens,
+                                  passkey_lengths=args.passkey, progress=not args.quiet)
         print(format_table(reports))
         files = write_report(reports, args.out, plots=not args.no_plots)
         print(f"wrote {files['json']}, {files['markdown']}" + "".join(f", {p}" for p in files["plots"]))

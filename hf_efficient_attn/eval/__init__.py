@@ -10,6 +10,7 @@
 
 from .cost import SpeedPoint, cache_tensors, kv_cache_bytes, measure_speed, parameter_count
 from .data import BUNDLED_CORPORA, SPLITS, TextData, load_text, split_of
+from .kv_check import KVCheck, format_kv_check, kv_check, kv_perplexity
 from .models import BUNDLED_MODELS, BundledModel, cache_dir, load_model
 from .passkey import PasskeyResult, format_passkey, passkey_retrieval
 from .perplexity import PerplexityResult, perplexity, tokenize_stream, tokenizer_adds_bos
@@ -17,7 +18,7 @@ from .report import (DEMO_CONVERSIONS, DemoConversion, ModelReport, demo_convers
                      evaluate_models, format_table, run_demo, to_markdown, write_report)
 
 __all__ = [
-    "BUNDLED_CORPORA", "BUNDLED_MODELS", "BundledModel", "DEMO_CONVERSIONS", "DemoConversion", "ModelReport",
+    "BUNDLED_CORPORA", "BUNDLED_MODELS", "KVCheck", "format_kv_check", "kv_check", "kv_perplexity", "BundledModel", "DEMO_CONVERSIONS", "DemoConversion", "ModelReport",
     "PasskeyResult", "format_passkey", "passkey_retrieval",
     "PerplexityResult", "SPLITS", "SpeedPoint", "TextData", "cache_dir", "cache_tensors", "demo_conversions", "evaluate_model",
     "evaluate_models", "format_table", "kv_cache_bytes", "load_model", "load_text", "measure_speed",

@@ -49,6 +49,9 @@ class ModelReport:
     layer_errors: dict | None = None  # {layer: ||sparse - dense|| / ||dense||} on the first window (sparse rows)
     passkey: dict = field(default_factory=dict)   # {prompt length: accuracy} (passkey_retrieval)
     passkey_detail: list = field(default_factory=list)  # PasskeyResult dicts
+    kv_policy: str | None = None     # the KV-cache policy the model ran (hfa.patch(model, kv=...)), None: full cache
+    stream_ppl: float | None = None  # ppl under the streaming protocol (eval.kv_check), rows of a run with kv=
+    stream_protocol: dict | None = None
 
     @property
     def layer_error(self) -> float | None:
@@ -101,15 +104,21 @@ def _sparse_checks(model, tokenizer, text, context_length: int, max_tokens: int 
 def evaluate_model(model, tokenizer, data=None, *, name: str | None = None, context_length: int = 512,
                    stride: int | None = None, max_tokens: int | None = None, batch_size: int | None = None,
                    kv_tokens: int | None = None, speed_contexts=(128, 512, 2048), decode_tokens: int = 32,
-                   passkey_lengths=(), progress: bool = True) -> ModelReport:
+                   passkey_lengths=(), stream_tokens: int | None = None, progress: bool = True) -> ModelReport:
     """Measure one model: perplexity on `data`, KV-cache bytes after `kv_tokens` tokens (default: the
     context length), decode speed at `speed_contexts` (empty: skip), parameter count, passkey accuracy at
     `passkey_lengths` (empty: skip).
 
     A sparse-patched model (``hfa.patch(model, sparse=...)``) is labelled with its pattern and also reports the mean
     block density of its perplexity windows and each layer's output error against dense attention on the first
-    window (``hfa.sparse.layer_errors``)."""
+    window (``hfa.sparse.layer_errors``).
+
+    stream_tokens: also score this many tokens after a ``context_length``-token prefill under the streaming protocol
+    (:func:`..kv_check.kv_perplexity`, one token at a time through the cache): what a KV policy changes. A model
+    with a KV policy (``hfa.patch(model, kv=...)``) is labelled approximate with its policy."""
+    from ..attention import kv as kvp
     from ..attention import sparse as sp
+    from .kv_check import kv_perplexity
     from .passkey import passkey_retrieval
 
     t0 = time.perf_counter()
@@ -129,16 +138,28 @@ def evaluate_model(model, tokenizer, data=None, *, name: str | None = None, cont
     speed = [p.to_dict() for p in measure_speed(model, tuple(speed_contexts), decode_tokens=decode_tokens)] \
         if speed_contexts else []
     keys = passkey_retrieval(model, tokenizer, lengths=tuple(passkey_lengths)) if passkey_lengths else []
+    stream = kv_perplexity(model, tokenizer, text, prompt_tokens=context_length, eval_tokens=stream_tokens) \
+        if stream_tokens else None
+    policy = kvp.policy_of(model)
     note = ""
     if pattern is not None and pattern.approximate:
         note = (f"approximate: sparse attention {pattern.name} on the prefill (mean block density {density:.3f}), "
                 f"measured against the exact model")
+    if policy is not None:
+        note = (f"approximate: KV-cache policy {policy.name}; 'stream ppl' scores {stream_tokens} tokens after a "
+                f"{context_length}-token prefill one at a time through the cache the policy left (ppl: the "
+                f"windowed protocol, where the policy acts inside each window)") if stream else \
+            f"approximate: KV-cache policy {policy.name}"
     return ModelReport(model=res.protocol["model"], ppl=res.ppl, nll=res.nll, tokens=res.tokens,
                        params=parameter_count(model), kv_cache_bytes=kv, kv_tokens=kv_tokens, speed=speed,
                        protocol=res.protocol, seconds=time.perf_counter() - t0, note=note,
                        pattern=None if pattern is None else pattern.name,
-                       approximate=pattern is not None and pattern.approximate, density=density, layer_errors=errors,
-                       passkey={r.length: r.accuracy for r in keys}, passkey_detail=[r.to_dict() for r in keys])
+                       approximate=(pattern is not None and pattern.approximate) or policy is not None,
+                       density=density, layer_errors=errors,
+                       passkey={r.length: r.accuracy for r in keys}, passkey_detail=[r.to_dict() for r in keys],
+                       kv_policy=None if policy is None else policy.name,
+                       stream_ppl=None if stream is None else stream["ppl"],
+                       stream_protocol=None if stream is None else stream["protocol"])
 
 
 def _fill_deltas(reports: list[ModelReport]) -> list[ModelReport]:
@@ -159,14 +180,16 @@ def _fill_deltas(reports: list[ModelReport]) -> list[ModelReport]:
 def evaluate_models(models, data=None, *, context_length: int = 512, stride: int | None = None,
                     max_tokens: int | None = None, batch_size: int | None = None, kv_tokens: int | None = None,
                     speed_contexts=(128, 512, 2048), decode_tokens: int = 32, dtype=torch.float32,
-                    split: str | None = None, sparse=(), passkey_lengths=(), progress: bool = True
-                    ) -> list[ModelReport]:
+                    split: str | None = None, sparse=(), kv=(), stream_tokens: int = 128, passkey_lengths=(),
+                    progress: bool = True) -> list[ModelReport]:
     """Evaluate several models on the same text under the same protocol; Δppl is against the first.
 
     models: names/paths for `load_model`, or `(name, model, tokenizer)` tuples, mixed freely.
     Models given by name are loaded one at a time and released before the next.
     sparse: patterns from ``hfa.sparse``: after each model's own row, one row per pattern with the model patched
     (``hfa.patched(model, sparse=pattern)``, backend auto), named ``"MODEL + PATTERN"`` and labelled approximate.
+    kv: policies from ``hfa.kv``: likewise one row per policy (``hfa.patched(model, kv=policy)``); then every row,
+    the model's own included, also reports ``stream_ppl`` over ``stream_tokens`` tokens (the streaming protocol).
     passkey_lengths: prompt lengths for passkey retrieval on every row (empty: none).
     """
     from ..attention import patched
@@ -177,7 +200,7 @@ def evaluate_models(models, data=None, *, context_length: int = 512, stride: int
     text = load_text(data, split=split)  # load once: every model sees exactly the same text
     run = dict(context_length=context_length, stride=stride, max_tokens=max_tokens, batch_size=batch_size,
                kv_tokens=kv_tokens, speed_contexts=speed_contexts, decode_tokens=decode_tokens,
-               passkey_lengths=passkey_lengths, progress=progress)
+               passkey_lengths=passkey_lengths, stream_tokens=stream_tokens if kv else None, progress=progress)
     reports = []
     for entry in models:
         if isinstance(entry, tuple):
@@ -189,6 +212,9 @@ def evaluate_models(models, data=None, *, context_length: int = 512, stride: int
         for pattern in sparse:
             with patched(model, sparse=pattern):
                 reports.append(evaluate_model(model, tok, text, name=f"{name} + {pattern.name}", **run))
+        for policy in kv:
+            with patched(model, kv=policy):
+                reports.append(evaluate_model(model, tok, text, name=f"{name} + {policy.name}", **run))
         del model
     return _fill_deltas(reports)
 
@@ -212,6 +238,9 @@ def _rows(reports: list[ModelReport]) -> tuple[list[str], list[list[str]]]:
     header = ["model", "ppl", "Δppl", "tokens", kv_head, dec_head, "params"]
     sparse = any(r.pattern is not None for r in reports)
     lengths = sorted({n for r in reports for n in r.passkey})
+    stream = any(r.stream_ppl is not None for r in reports)
+    if stream:
+        header[3:3] = ["stream ppl", "Δstream"]
     if sparse:
         header[1:1] = ["density", "layer err"]
     header += [f"passkey @{n}" for n in lengths]
@@ -228,6 +257,13 @@ def _rows(reports: list[ModelReport]) -> tuple[list[str], list[list[str]]]:
         name = r.model + (" (approx.)" if r.approximate else "")
         row = [name, f"{r.ppl:.3f}", delta, f"{r.tokens:,}", "n/a" if kvpt is None else f"{kvpt:,.0f}",
                "n/a" if dec is None else f"{dec:.1f}", _human(r.params)]
+        if stream:
+            base = reports[0].stream_ppl
+            same = r.stream_protocol and reports[0].stream_protocol and \
+                r.stream_protocol.get("token_stream_sha256") == reports[0].stream_protocol.get("token_stream_sha256")
+            row[3:3] = ["n/a" if r.stream_ppl is None else f"{r.stream_ppl:.3f}",
+                        "—" if i == 0 or r.stream_ppl is None else
+                        (f"{r.stream_ppl / base - 1:+.1%}" if same and base else "n/a")]
         if sparse:
             row[1:1] = ["dense" if r.density is None else f"{r.density:.3f}",
                         "—" if r.layer_error is None else f"{r.layer_error:.4f}"]
@@ -390,9 +426,21 @@ def _sparse_copy(spec: str) -> Callable:
         return patch(copy.deepcopy(model), sparse=from_spec(spec))
     return build
 
+def _kv_copy(spec: str) -> Callable:
+    """A demo build: a copy of the base model patched with a KV-cache policy (the base keeps its full cache)."""
+    def build(model, tokenizer, calibration, max_tokens):
+        import copy
+
+        from ..attention import patch
+        from ..attention.kv import from_spec
+        return patch(copy.deepcopy(model), kv=from_spec(spec))
+    return build
+
+
 # Everything `hfa demo` runs after the base model, in table order: SmolLM2-135M's 3 KV heads merged into 1 by
 # each GQA method, then the best one healed, then a training-free sparse prefill (labelled approximate, with its
-# density and per-layer error). About 4 minutes in all on 2 idle CPU cores; fast settings only.
+# density and per-layer error), then a KV-cache policy (StreamingLLM: 4 sinks + 256 recent tokens, inside the
+# 512-token windows; its KV bytes are the bounded cache's). About 5 minutes in all on 2 idle CPU cores.
 DEMO_CONVERSIONS: list[DemoConversion] = [
     DemoConversion("gqa kv=1 mean", "gqa", {**_GQA_KV1, "method": "mean"}),
     DemoConversion("gqa kv=1 aligned", "gqa", {**_GQA_KV1, "method": "aligned"}),
@@ -400,6 +448,7 @@ DEMO_CONVERSIONS: list[DemoConversion] = [
     DemoConversion("gqa kv=1 pca + 8k-token heal", "gqa", {**_GQA_KV1, "method": "pca"},
                    heal={"max_tokens": 8192, "seq_len": 256, "batch_size": 4}),
     DemoConversion("sparse top_p_g0.95_b64", build=_sparse_copy("top_p:gamma=0.95")),
+    DemoConversion("kv streaming_s4_w256", build=_kv_copy("streaming:sinks=4,window=256")),
 ]
 
 

@@ -94,7 +94,8 @@ def test_demo_conversions_are_the_one_list(monkeypatch):
     from hf_efficient_attn.eval import report
 
     assert [s.label for s in report.demo_conversions()] == [
-        "gqa kv=1 mean", "gqa kv=1 aligned", "gqa kv=1 pca", "gqa kv=1 pca + 8k-token heal", "sparse top_p_g0.95_b64"]
+        "gqa kv=1 mean", "gqa kv=1 aligned", "gqa kv=1 pca", "gqa kv=1 pca + 8k-token heal", "sparse top_p_g0.95_b64",
+        "kv streaming_s4_w256"]
     assert all(s.method in CONVERSIONS and s.build is None for s in report.DEMO_CONVERSIONS[:4])
 
 
@@ -112,7 +113,7 @@ def test_demo_sparse_row_is_a_patched_copy_and_the_base_stays_dense():
     import hf_efficient_attn as hfa
     from hf_efficient_attn.eval import report
 
-    step = report.DEMO_CONVERSIONS[-1]
+    step = report.DEMO_CONVERSIONS[-2]
     base = tiny_llama()
     new = report._run_conversion(step, base, byte_tokenizer(), None, 0)
     assert new is not base and hfa.sparse.pattern_of(new).name == "top_p_g0.95_b64" and hfa.sparse.is_sparse(new)
@@ -161,4 +162,47 @@ def test_cli_eval_sparse_and_passkey(tmp_path, capsys):
                        ("top_p:gamma", "KEY=VALUE")]:
         with pytest.raises(SystemExit):
             main(["eval", a, "--sparse", bad])
+        assert match in capsys.readouterr().err
+
+
+def test_demo_kv_row_is_a_patched_copy_and_the_base_keeps_its_cache():
+    import hf_efficient_attn as hfa
+    from hf_efficient_attn.eval import report
+
+    step = report.DEMO_CONVERSIONS[-1]
+    base = tiny_llama()
+    new = report._run_conversion(step, base, byte_tokenizer(), None, 0)
+    assert new is not base and hfa.kv.policy_of(new).name == "streaming_s4_w256"
+    assert hfa.kv.policy_of(base) is None and not hfa.is_patched(base)
+
+
+def test_kv_rows_beside_the_full_cache_with_the_streaming_protocol():
+    import hf_efficient_attn as hfa
+    tok = byte_tokenizer()
+    model = tiny_llama(seed=0)
+    reps = evaluate_models([("base", model, tok)], TEXT * 3, context_length=128, speed_contexts=(), progress=False,
+                           kv=[hfa.kv.streaming(2, 500), hfa.kv.streaming(2, 16)], stream_tokens=24)
+    full, lossless, small = reps
+    assert [r.model for r in reps] == ["base", "base + streaming_s2_w500", "base + streaming_s2_w16"]
+    assert full.kv_policy is None and not full.approximate and full.stream_ppl is not None
+    assert lossless.stream_ppl == pytest.approx(full.stream_ppl, rel=1e-5) and lossless.approximate
+    assert small.stream_ppl != pytest.approx(full.stream_ppl, rel=1e-3)
+    assert small.kv_cache_bytes < full.kv_cache_bytes and "streaming_s2_w16" in small.note
+    assert full.stream_protocol["token_stream_sha256"] == small.stream_protocol["token_stream_sha256"]
+    assert hfa.kv.policy_of(model) is None and not hfa.is_patched(model)
+    table = format_table(reps).splitlines()
+    assert "stream ppl" in table[0] and "Δstream" in table[0] and "(approx.)" in table[4]
+
+
+def test_cli_eval_kv(tmp_path, capsys):
+    a = _save(tmp_path / "a", 0)
+    rc = main(["eval", a, "--data", TEXT * 3, "--context", "128", "--no-speed", "--kv", "streaming:sinks=1,window=16",
+               "--stream-tokens", "16", "--out", str(tmp_path / "rep"), "--quiet", "--no-plots"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "streaming_s1_w16 (approx.)" in out and "stream ppl" in out
+    payload = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert payload["models"][1]["kv_policy"] == "streaming_s1_w16" and payload["models"][1]["stream_ppl"] > 0
+    for bad, match in [("h2o", "unknown KV policy"), ("snapkv:budgt=3", "snapkv takes the options")]:
+        with pytest.raises(SystemExit):
+            main(["eval", a, "--kv", bad])
         assert match in capsys.readouterr().err
