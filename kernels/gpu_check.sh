@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # The GPU check of the Triton kernels (softmax and linear attention), in one command (installs nothing):
 #   1. the kernel tests on CUDA: pytest -m "triton_interpret or gpu" tests/kernels (incl. ring attention's flash
-#      pieces on one rank: test_ring.py::test_ring_attention_triton_pieces_on_cuda)
+#      pieces on one rank: test_ring.py::test_ring_attention_triton_pieces_on_cuda), and the patch's CUDA paths
+#      on models: tests/attention/test_patch_triton.py, tests/attention/test_cuda_paths.py (Quest's decode on
+#      the block-sparse decode kernel, KV policies, sparse prefill on the Triton kernels, a bf16 model);
+#      in parallel (pytest-xdist, 8 workers) where it is installed: compiling the kernels is most of the time
 #   2. the benchmarks: kernels/bench_attention.py --quick (Triton vs torch SDPA, flash-attn if installed)
 #   3. kernels/bench_linear.py --quick (Triton linear attention vs its PyTorch chunked form and softmax)
 #   4. kernels/bench_sparse.py --quick (Triton block-sparse at 32k, 10% density, vs our dense Triton kernels),
-#      in the time the first three left of 585 s (at most 150 s), so the whole check still fits one 10-minute call
+#      in the time the first three left of 480 s (at most 120 s), so the whole check still fits one 10-minute call
 # Logs and JSON go to $OUT (default ./out); the short tables are printed last. Sized to finish in
-# under 10 minutes on one H100 (each step has its own time limit, 570 s in all, so a hang cannot eat the
+# under 10 minutes on one H100 (each step has its own time limit, 480 s in all, so a hang cannot eat the
 # budget; a step cut short still leaves its log in $OUT).
 #   OUT=/tmp/out bash kernels/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1  # a step cut short by its time limit still leaves what it printed
+PY="${PYTHON:-$(command -v python3 || command -v python)}"  # the GPU image's python3 holds torch
 OUT="${OUT:-./out}"
 mkdir -p "$OUT"
 unset TRITON_INTERPRET  # real GPU kernels
@@ -20,34 +25,37 @@ start=$SECONDS
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  python -c "import torch, triton; print('torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__)"
-  python -c "import flash_attn; print('flash-attn', flash_attn.__version__)" 2>/dev/null || echo "flash-attn not installed"
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__)"
+  "$PY" -c "import flash_attn; print('flash-attn', flash_attn.__version__)" 2>/dev/null || echo "flash-attn not installed"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-echo "== tests (limit 270 s) =="
-timeout 270 python -m pytest -q -m "triton_interpret or gpu" tests/kernels -p no:cacheprovider \
+xdist=""
+"$PY" -c "import xdist" 2>/dev/null && xdist="-n 8"
+echo "== tests (limit 210 s) =="
+timeout 210 "$PY" -m pytest -q $xdist -m "triton_interpret or gpu" tests/kernels tests/attention/test_patch_triton.py \
+  tests/attention/test_cuda_paths.py -p no:cacheprovider -rfE \
   --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 tests_rc=$?
 tail -n 15 "$OUT/tests.log"
 
-echo "== benchmark (limit 150 s) =="
-timeout 150 python kernels/bench_attention.py --quick --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+echo "== benchmark (limit 120 s) =="
+timeout 120 "$PY" kernels/bench_attention.py --quick --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 
-echo "== linear attention benchmark (limit 150 s) =="
-timeout 150 python kernels/bench_linear.py --quick --json "$OUT/bench_linear.json" > "$OUT/bench_linear.log" 2>&1
+echo "== linear attention benchmark (limit 120 s) =="
+timeout 120 "$PY" kernels/bench_linear.py --quick --json "$OUT/bench_linear.json" > "$OUT/bench_linear.log" 2>&1
 linear_rc=$?
 
-left=$((585 - (SECONDS - start)))
-[ "$left" -gt 150 ] && left=150
+left=$((480 - (SECONDS - start)))
+[ "$left" -gt 120 ] && left=120
 if [ "$left" -ge 40 ]; then
   echo "== sparse attention benchmark (limit $left s) =="
-  timeout "$left" python kernels/bench_sparse.py --quick --json "$OUT/bench_sparse.json" > "$OUT/bench_sparse.log" 2>&1
+  timeout "$left" "$PY" kernels/bench_sparse.py --quick --json "$OUT/bench_sparse.json" > "$OUT/bench_sparse.log" 2>&1
   sparse_rc=$?
 else
   echo "== sparse attention benchmark: skipped, $left s left (run: python kernels/bench_sparse.py --quick) =="
-  echo "skipped: $left s left of the check's 585 s" > "$OUT/bench_sparse.log"
+  echo "skipped: $left s left of the check's 480 s" > "$OUT/bench_sparse.log"
   sparse_rc=skipped
 fi
 
