@@ -43,10 +43,11 @@ def run(model_name="smollm2-135m", contexts=(4096, 8192), fractions=(0.25, 0.1),
     for ctx in contexts:
         full_keys = passkey_retrieval(model, tok, lengths=(ctx,), depths=depths) if depths else []
         full_acc = full_keys[0].accuracy if full_keys else None
+        full = kv_perplexity(model, tok, prompt_tokens=ctx, eval_tokens=eval_tokens)  # one baseline per context
         for f in fractions:
             for policy in policies_at(ctx, f):
                 t0 = time.perf_counter()
-                c = kv_check(model, tok, policy, prompt_tokens=ctx, eval_tokens=eval_tokens)
+                c = kv_check(model, tok, policy, prompt_tokens=ctx, eval_tokens=eval_tokens, full=full)
                 acc = None
                 if depths:
                     with hfa.patched(model, kv=policy):

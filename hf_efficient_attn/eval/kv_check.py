@@ -112,16 +112,32 @@ class KVCheck:
 
 
 def kv_check(model, tokenizer, policy, data=None, *, prompt_tokens: int = 1024, eval_tokens: int = 256,
-             chunk: int = 1, buckets: int = 4, progress: bool = False) -> KVCheck:
+             chunk: int = 1, buckets: int = 4, progress: bool = False, full: dict | None = None) -> KVCheck:
     """``policy`` against the full cache under the streaming protocol (:func:`kv_perplexity`), on an unpatched or
-    plainly patched ``model`` (it is patched with the policy for the call and restored after)."""
+    plainly patched ``model`` (it is patched with the policy for the call and restored after).
+
+    full: a :func:`kv_perplexity` result of this model with the full cache under the same protocol, to reuse when
+    several policies are compared with one baseline (checked: same model, lengths, chunk and token stream)."""
     if policy_of(model) is not None:
         raise ValueError(f"kv_check compares a policy with the full cache; the model already runs KV policy "
                          f"{policy_of(model).name}: hfa.unpatch(model) first")
     opts = dict(prompt_tokens=prompt_tokens, eval_tokens=eval_tokens, chunk=chunk, progress=progress)
-    full = kv_perplexity(model, tokenizer, data, **opts)
+    if full is not None:
+        base = full.get("protocol", {}) if isinstance(full, dict) else {}
+        want = {"model": _model_name(model), "policy": None, "prompt_tokens": prompt_tokens,
+                "eval_tokens": eval_tokens, "chunk": chunk}
+        wrong = {k: (base.get(k), v) for k, v in want.items() if base.get(k) != v}
+        if wrong:
+            raise ValueError(f"full= is not this model's full-cache run under this protocol (got vs wanted: {wrong}); "
+                             f"pass kv_perplexity(model, tokenizer, prompt_tokens=..., eval_tokens=..., chunk=...) "
+                             f"of the model without a policy, or leave full=None")
+    else:
+        full = kv_perplexity(model, tokenizer, data, **opts)
     with patched(model, kv=policy):
         got = kv_perplexity(model, tokenizer, data, **opts)
+    if got["protocol"]["token_stream_sha256"] != full["protocol"]["token_stream_sha256"]:
+        raise ValueError("full= scored other tokens than this call (another text or tokenizer): the baseline must "
+                         "come from the same data")
     curve = []
     for b in range(buckets):
         lo, hi = b * eval_tokens // buckets, (b + 1) * eval_tokens // buckets
