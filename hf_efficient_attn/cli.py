@@ -465,16 +465,6 @@ def _trainable(spec: str):
     return fn
 
 
-def _default_trainable(method: str, stage: str):
-    """What heals by default: the selector the conversion registered under its own name in `TRAINABLE` (what it
-    changed), else the stage's default (``kv`` for logits)."""
-    from .conversions import STAGES, TRAINABLE
-
-    if method in TRAINABLE:
-        return method
-    return STAGES[stage].default_trainable if stage in STAGES else "kv"
-
-
 def _check_trainable(student, trainable, defaulted: bool) -> None:
     """Fail with the fix when a named selector picks nothing (e.g. kv after a conversion that replaced k/v)."""
     from .conversions import TRAINABLE
@@ -565,9 +555,10 @@ def _load_and_convert(args, options, accepted, calibration, main: bool, say):
 def _heal(args, new, model, tok, heal_text, trainable_spec, say) -> dict:
     """Distill `new` from `model` on `heal_text` (in place); returns what the report records of it."""
     import hf_efficient_attn as hfa
+    from .conversions import default_trainable
 
     stage = args.stage or "logits"
-    trainable = trainable_spec or _default_trainable(args.method, stage)
+    trainable = trainable_spec or default_trainable(new, stage)
     _check_trainable(new, trainable, args.trainable is None)
     try:
         res = hfa.distill(new, model, list(heal_text.documents), tokenizer=tok, stage=stage,

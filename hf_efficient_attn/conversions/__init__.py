@@ -15,13 +15,13 @@ it, never `eval`.
 from __future__ import annotations
 
 from .convert import CONVERSIONS, convert, options_of, register_conversion
-from .distill import STAGES, TRAINABLE, DistillResult, Stage, distill, register_stage
+from .distill import STAGES, TRAINABLE, DistillResult, Stage, default_trainable, distill, register_stage
 from .gqa import convert_gqa, expand_kv_heads
 from .io import check_target, is_main_process, load, save, text_documents, token_blocks, verify_checkpoint
 
 __all__ = [
     "CONVERSIONS", "STAGES", "TRAINABLE", "DistillResult", "Stage", "check_target", "convert", "convert_gqa",
-    "distill", "expand_kv_heads", "is_main_process", "load", "options_of", "register_conversion",
+    "default_trainable", "distill", "expand_kv_heads", "is_main_process", "load", "options_of", "register_conversion",
     "register_stage", "save", "text_documents", "token_blocks", "verify_checkpoint",
 ]
 

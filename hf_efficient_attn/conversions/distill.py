@@ -15,7 +15,9 @@ temperature), optionally plus the next-token cross-entropy; ``"attention"``: lay
 for the linear-attention students of ``convert(model, "linear")`` (`linear.attention_transfer_loss`). A stage
 from outside the package is added with `register_stage`.
 
-What trains (`trainable`; None: the stage's default, "kv" for "logits"; `TRAINABLE`, listed below): ``"kv"``
+What trains (`trainable`; None: `default_trainable` — the stage's own default where it has one, else the
+selector named after the student's last conversion where `TRAINABLE` has one, e.g. ``"mla"`` for an MLA model,
+else ``"kv"``; `TRAINABLE`, listed below): ``"kv"``
 (k/v projections: all that GQA pooling changed), ``"attention"`` (all attention projections), ``"all"``, ``"mla"``
 (every attention weight of an MLA model), ``"feature_maps"`` (the feature maps and window mix of linear
 attention), ``"lora"`` (LoRA adapters on every linear layer inside the student's attention modules, whatever the
@@ -62,7 +64,8 @@ from .linear import LINEAR_NEW_MODULES, attention_transfer_loss, check_linear_st
 from .mla import MLA_TRAINABLE
 from .toolkit import atomic_write, with_provenance
 
-__all__ = ["DistillResult", "DEFAULT_LR", "STAGES", "Stage", "TRAINABLE", "attention_linear_names", "distill",
+__all__ = ["DistillResult", "DEFAULT_LR", "STAGES", "Stage", "TRAINABLE", "attention_linear_names", "default_trainable",
+           "distill",
            "logits_loss", "lr_factor", "register_stage"]
 
 STATE_FILE = "distill_state.pt"
@@ -195,6 +198,22 @@ def _select_trainable(student, trainable, lora_rank, lora_alpha, lora_targets):
         raise HFAError(f"trainable={trainable!r} selects no parameter of {type(student).__name__}; "
                        f"use 'all', 'lora' or a callable")
     return student
+
+
+def default_trainable(student, stage: str = "logits") -> str:
+    """What heals when `distill` is given no `trainable`: the stage's own default where it sets one (stage
+    "attention": the feature maps); else the selector `TRAINABLE` lists under the name of the student's latest
+    conversion that it has one for and that selects a parameter (``"mla"``: every attention weight of an MLA model,
+    whose k/v projections no longer exist); else ``"kv"`` (what GQA pooling changed)."""
+    own = STAGES[stage].default_trainable if stage in STAGES else "kv"
+    if own != "kv":
+        return own
+    inner = getattr(student, "module", student)
+    for record in reversed(getattr(inner, "hfa_conversions", None) or []):
+        name = record.get("conversion") if isinstance(record, dict) else None
+        if name in TRAINABLE and any(TRAINABLE[name](n, p) for n, p in student.named_parameters()):
+            return name
+    return "kv"
 
 
 def lr_factor(step: int, steps: int, warmup: float) -> float:
@@ -382,7 +401,7 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
     from accelerate import Accelerator
 
     stage_obj = _check_pair(student, teacher, stage, checkpoint_dir, checkpoint_every)
-    trainable = stage_obj.default_trainable if trainable is None else trainable
+    trainable = default_trainable(student, stage) if trainable is None else trainable
     ring = _ring_settings(student, stage, seq_len, ce_weight)
     accelerator = Accelerator()
     world, rank = accelerator.num_processes, accelerator.process_index

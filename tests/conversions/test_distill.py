@@ -203,3 +203,18 @@ def test_ring_distill_refuses_what_it_cannot_split():
     from hf_efficient_attn.conversions.distill import _ring_settings
     student, _ = pair()
     assert _ring_settings(student, "logits", SEQ, 0.0) is None   # not ring-patched: plain data parallel
+
+
+def test_the_default_trainable_follows_the_conversion():
+    """distill() without `trainable` heals what the conversion changed: "mla" on an MLA model (whose k/v projections
+    are gone: the stage default "kv" would select nothing), "kv" after GQA, the feature maps in stage "attention"."""
+    from hf_efficient_attn.conversions import default_trainable
+    teacher = make_model("llama")
+    mla = convert(teacher, "mla", kv_lora_rank=8, rope_dim=4, method="weights")
+    assert default_trainable(mla) == "mla" and default_trainable(pair()[0]) == "kv" and default_trainable(teacher) == "kv"
+    assert default_trainable(convert(teacher, "linear", window=4), "attention") == "feature_maps"
+    before = {n: p.detach().clone() for n, p in mla.named_parameters()}
+    res = distill(mla, teacher, train_ids(), max_tokens=2 * 4 * SEQ, seq_len=SEQ, batch_size=4, progress=False)
+    assert res.steps == 2 and mla.hfa_conversions[-1]["trainable"] == "mla"
+    changed = {n for n, p in mla.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("self_attn" in n for n in changed)
