@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_example_kv_policies_small(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.run([sys.executable, "examples/kv_policies.py", "--contexts", "128", "--fractions", "0.5",
-                           "--eval-tokens", "4", "--passkey-depths", "0.5", "--speed-context", "0",
+                           "--eval-tokens", "4", "--passkey-depths", "0.5", "--speed-contexts", "256",
                            "--past", "128:32", "--json", str(tmp_path / "kv.json")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -30,3 +30,7 @@ def test_example_kv_policies_small(tmp_path):
     assert by["streaming"]["cache_bytes"] < by["streaming"]["cache_bytes_full"]
     assert by["quest"]["cache_bytes"] >= by["quest"]["cache_bytes_full"]  # Quest bounds reads, not memory
     assert res["past"]["bytes_2k"] == res["past"]["bytes_16k"]
+    (speed,) = res["speed"]
+    assert speed["context"] == 256 and speed["full_tok_s"] > 0
+    assert [n.split("_")[0] for n in speed["policies"]] == ["streaming", "snapkv", "quest"]
+    assert all(v["tok_s"] > 0 and v["ratio"] > 0 for v in speed["policies"].values())
