@@ -254,26 +254,39 @@ class LinearAttention(nn.Module):
     feature maps ``feature_map_q`` (per query head) and ``feature_map_k`` (per KV head), and for the hybrid the
     per-head mix ``window_factor`` (g = sigmoid(window_factor)). forward(hidden_states, position_embeddings,
     attention_mask, cache) -> (out (B, S, C), None), the contract of the modules it replaces.
+
+    Subclasses (the gated Mamba-2 form, ``attention.mamba2``) change the method through a few hooks and keep the
+    rest (cache, padding, backends, decoding): `CONFIG_FIELD` (where the options live), `normalize` (divide by
+    q . z), ``rope`` (an option, default on), `init_new_modules` / `reset_linear_parameters` (what the conversion
+    adds), `features` (the maps applied to q and k), `token_log_decay` (a per-token decay; None here) and
+    `head_output` (applied to each head's output before o_proj).
     """
 
     HFA_BACKENDS = (*BACKENDS, "chunked")   # "reference": the quadratic PyTorch form; "chunked": the chunked one
+    CONFIG_FIELD = "hfa_linear"             # the config attribute that holds this module's options
+    normalize = True                        # o = q S / (q . z + eps); False: o = q S (Mamba-2 / GLA)
 
     def __init__(self, config, layer_idx: int, base: nn.Module | None = None):
         super().__init__()
-        opts = config.hfa_linear
+        opts = getattr(config, self.CONFIG_FIELD)
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.window = int(opts["window"])
         self.eps = float(opts.get("eps", 1e-6))
+        self.rope = bool(opts.get("rope", True))                  # rotate q and k as the original layer did
         self.backend = check_backend("auto", self.HFA_BACKENDS)   # see `attend`; hfa.patch sets it
         if base is None:
-            base = _family_attention(config)(config, layer_idx)
+            base = ALL_FAMILIES[opts["family"]].attention_class()(config, layer_idx)
         self.scaling = base.scaling
         for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
             if hasattr(base, name):
                 setattr(self, name, getattr(base, name))
+        self.init_new_modules(config, opts)
+
+    def init_new_modules(self, config, opts: dict) -> None:
+        """Create what the conversion adds to the original layer: the feature maps and, for the hybrid, the mix."""
         fm, fdim = opts["feature_map"], opts.get("feature_dim")
         self.feature_map_q = make_feature_map(fm, self.num_heads, self.head_dim, fdim)
         self.feature_map_k = make_feature_map(fm, self.num_kv_heads, self.head_dim, fdim)
@@ -290,29 +303,49 @@ class LinearAttention(nn.Module):
                 self.window_factor.fill_(self.window_factor_init)
 
     def project(self, hidden_states, position_embeddings):
-        """(q (B, H, S, D), k (B, Hkv, S, D), v (B, Hkv, S, D)) after norms and RoPE: the original layer's view."""
+        """(q (B, H, S, D), k (B, Hkv, S, D), v (B, Hkv, S, D)) after norms and RoPE (``rope``): the original
+        layer's view."""
         b, s, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim)
         k = self.k_proj(hidden_states).view(b, s, -1, self.head_dim)
         v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if self.rope:
+            cos, sin = position_embeddings
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
 
-    def attend(self, q, k, v, kpm=None, state=None, return_state=False):
-        """Attention of q (B, H, S, D) over k, v (B, Hkv, context + S, D) and an earlier state -> (out, state).
+    def features(self, q, k):
+        """(phi_q(q) (B, H, S, F), phi_k(k) (B, Hkv, T, F)): what the linear part multiplies."""
+        return self.feature_map_q(q), self.feature_map_k(k)
+
+    def token_log_decay(self, hidden_states):
+        """The per-token log decay (B, Hkv, S) <= 0 of the state, from the layer's input; None: no decay."""
+        return None
+
+    def head_output(self, out):
+        """Each head's output (B, H, S, D) as o_proj reads it (here unchanged)."""
+        return out
+
+    def attend(self, q, k, v, kpm=None, state=None, return_state=False, log_decay=None):
+        """Attention of q (B, H, S, D) over k, v (B, Hkv, context + S, D) and an earlier state -> (out, state);
+        log_decay (B, Hkv, S): the state's per-token decay (window=0 only).
 
         backend: "auto" (the Triton kernels on CUDA where they serve the call, else PyTorch: the quadratic form for
         short inputs, the chunked one for long), "triton" (raise where it cannot run), "reference" (quadratic),
         "chunked"."""
-        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        if self.window and log_decay is not None:
+            raise ValueError("a decay with a softmax window has no kernel form here: window must be 0")
+        fq, fk = self.features(q, k)
         if not self.window and kpm is not None:       # a padded key adds nothing to the state or the normaliser
             fk = fk * kpm[:, None, :, None].to(fk.dtype)
-        res = self._attend_triton(q, k, v, fq, fk, kpm, state, return_state)
+            if log_decay is not None:                 # ... and does not decay it
+                log_decay = log_decay.masked_fill(~kpm[:, None, :], 0.0)
+        res = self._attend_triton(q, k, v, fq, fk, kpm, state, return_state, log_decay)
         if res is None:
-            res = self._attend_torch(q, k, v, fq, fk, kpm, state, return_state)
+            res = self._attend_torch(q, k, v, fq, fk, kpm, state, return_state, log_decay)
         return res if return_state else (res, None)
 
     def _triton_wanted(self, q) -> bool:
@@ -333,14 +366,14 @@ class LinearAttention(nn.Module):
             state = fold_into_state(state, fk, v[:, :, :leaving])
         return out, state
 
-    def _attend_triton(self, q, k, v, fq, fk, kpm, state, return_state):
+    def _attend_triton(self, q, k, v, fq, fk, kpm, state, return_state, log_decay=None):
         """The Triton kernels' result, or None where the backend rule (``attention.backends``) says PyTorch."""
         def why_not():
             if self.window:
                 from ..kernels.linear.triton_hybrid import hybrid_unsupported_reason
                 return hybrid_unsupported_reason(q, k, v, fq, fk, initial_state=state, key_padding_mask=kpm)
             from ..kernels.linear.triton_chunked import linear_triton_unsupported_reason
-            return linear_triton_unsupported_reason(fq, fk, v, initial_state=state)
+            return linear_triton_unsupported_reason(fq, fk, v, log_decay=log_decay, initial_state=state)
 
         if not use_triton(self.backend, q.device, why_not, f"linear-attention layer {self.layer_idx}",
                           choices=self.HFA_BACKENDS):
@@ -353,12 +386,13 @@ class LinearAttention(nn.Module):
                                               window_factor=torch.sigmoid(self.window_factor.float()),
                                               scale=self.scaling, eps=self.eps, initial_state=state,
                                               return_state=return_state, key_padding_mask=kpm)
+        gate = dict(log_decay=log_decay, normalize=self.normalize, eps=self.eps)
         if q.shape[2] == 1 and state is not None and not torch.is_grad_enabled():
-            out, new_state = tc.linear_attention_step_triton(fq, fk, v, state, eps=self.eps)
+            out, new_state = tc.linear_attention_step_triton(fq, fk, v, state, **gate)
             return (out, new_state) if return_state else out
-        return tc.linear_attention_triton(fq, fk, v, eps=self.eps, initial_state=state, return_state=return_state)
+        return tc.linear_attention_triton(fq, fk, v, initial_state=state, return_state=return_state, **gate)
 
-    def _attend_torch(self, q, k, v, fq, fk, kpm, state, return_state):
+    def _attend_torch(self, q, k, v, fq, fk, kpm, state, return_state, log_decay=None):
         rows, keys = q.shape[2], k.shape[2]
         quadratic = self.backend == "reference" or (self.backend != "chunked" and rows * keys <= QUADRATIC_LIMIT)
         if self.window:
@@ -368,7 +402,8 @@ class LinearAttention(nn.Module):
             if quadratic:
                 return hybrid_attention_reference(q, k, v, fq, fk, **opts)
             return hybrid_attention_chunked(q, k, v, fq, fk, chunk_size=256, **opts)
-        opts = dict(eps=self.eps, initial_state=state, return_state=return_state)
+        opts = dict(log_decay=log_decay, normalize=self.normalize, eps=self.eps, initial_state=state,
+                    return_state=return_state)
         if rows == 1 and state is not None:
             return linear_attention_recurrent(fq, fk, v, **opts)
         if quadratic:
@@ -381,8 +416,9 @@ class LinearAttention(nn.Module):
             cache = past_key_values
         b, s, _ = hidden_states.shape
         q, k, v = self.project(hidden_states, position_embeddings)
+        log_decay = self.token_log_decay(hidden_states)
         if cache is None:
-            out, _ = self.attend(q, k, v, key_padding(attention_mask, k.shape[2]))
+            out, _ = self.attend(q, k, v, key_padding(attention_mask, k.shape[2]), log_decay=log_decay)
         else:
             layer = _cache_layer(cache, self.layer_idx, self.window)
             ctx_k, ctx_v, state = layer.read()
@@ -393,10 +429,10 @@ class LinearAttention(nn.Module):
             if s == 1 and self.window and not self._triton_wanted(q):
                 out, state = self._decode_step(q, k, v, kpm, state)
             else:
-                out, state = self.attend(q, k, v, kpm, state, return_state=True)
+                out, state = self.attend(q, k, v, kpm, state, return_state=True, log_decay=log_decay)
             layer.write(k[:, :, k.shape[2] - min(keep, k.shape[2]):], v[:, :, v.shape[2] - min(keep, v.shape[2]):],
                         state, s)
-        out = out.transpose(1, 2).reshape(b, s, -1)
+        out = self.head_output(out).transpose(1, 2).reshape(b, s, -1)
         return self.o_proj(out), None
 
 
@@ -407,10 +443,6 @@ FAMILIES = {mt: fam for mt, fam in ALL_FAMILIES.items() if "linear" in fam.metho
 
 # config.hfa_linear: the options of a linear model (family: the original model_type)
 LINEAR_FIELDS = {"hfa_linear": (dict | None, None)}
-
-
-def _family_attention(config):
-    return FAMILIES[config.hfa_linear["family"]].attention_class()
 
 
 def _validate_linear_config(cfg):
