@@ -4,10 +4,10 @@
     fam = family_of(model, "mla")          # the entry, or a ValueError naming the families "mla" supports
     fam.qkv, fam.qk_norm, fam.norm_gain(attn.k_norm.weight), layer_window(model.config, 3)
 
-Every conversion (``conversions.gqa``, ``.mla``, ``.linear``) and every converted model class
-(``attention.mla``, ``attention.linear``, through :func:`converted_model_class`) reads these facts here and
-nowhere else. Adding a family is one `Family` entry (plus its tests); a method supports the families whose
-entry lists it in ``methods``.
+Every conversion (``conversions.gqa``, ``.mla``, ``.linear``, ``.mamba2``) and every converted model class
+(``attention.mla``, ``attention.linear``, ``attention.mamba2``, through :func:`converted_model_class`) reads these
+facts here and nowhere else. Adding a family is one `Family` entry (plus its tests); a method supports the families
+whose entry lists it in ``methods``.
 
 The facts per family:
 
@@ -88,13 +88,13 @@ class Family:
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llama", "Llama", "LlamaConfig", "LlamaForCausalLM", "models.llama.modeling_llama.LlamaAttention",
-           methods=("gqa", "mla", "linear")),
+           methods=("gqa", "mla", "linear", "mamba2")),
     Family("mistral", "Mistral", "MistralConfig", "MistralForCausalLM",
            "models.mistral.modeling_mistral.MistralAttention", methods=("gqa", "linear")),
     Family("qwen2", "Qwen2", "Qwen2Config", "Qwen2ForCausalLM", "models.qwen2.modeling_qwen2.Qwen2Attention",
            methods=("gqa", "linear")),
     Family("qwen3", "Qwen3", "Qwen3Config", "Qwen3ForCausalLM", "models.qwen3.modeling_qwen3.Qwen3Attention",
-           methods=("gqa", "mla", "linear"), qk_norm="w", norm="models.qwen3.modeling_qwen3.Qwen3RMSNorm",
+           methods=("gqa", "mla", "linear", "mamba2"), qk_norm="w", norm="models.qwen3.modeling_qwen3.Qwen3RMSNorm",
            norm_layout="bshd"),
     Family("gemma", "Gemma", "GemmaConfig", "GemmaForCausalLM", "models.gemma.modeling_gemma.GemmaAttention",
            methods=("gqa",)),
