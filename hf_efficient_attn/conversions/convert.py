@@ -21,6 +21,7 @@ from ..errors import ConversionError, HFAError, OptionError
 from .gqa import convert_gqa
 from .io import check_finite
 from .linear import convert_linear
+from .mamba2 import convert_mamba2
 from .mla import convert_mla
 
 __all__ = ["CONVERSIONS", "convert", "options_of", "register_conversion", "unknown_and_missing"]
@@ -29,6 +30,7 @@ CONVERSIONS: dict[str, Callable] = {
     "gqa": convert_gqa,          # fewer KV heads (MHA -> GQA/MQA): a native checkpoint of the same family
     "mla": convert_mla,          # a low-rank latent KV cache plus one shared RoPE key (GQA -> MLA)
     "linear": convert_linear,    # softmax -> (sliding-window +) linear attention, healed by distillation
+    "mamba2": convert_mamba2,    # softmax -> Mamba-2 form (gated linear attention, data-dependent decay)
 }
 
 

@@ -26,7 +26,8 @@ from ..attention.families import family_of, without_windows
 from ..attention.linear import FEATURE_MAPS, LinearAttention, linear_model_class
 from .toolkit import calibration_forward, config_fields, provenance_record, rebuild
 
-__all__ = ["LINEAR_NEW_MODULES", "attention_transfer_loss", "check_linear_student", "convert_linear", "linear_layers"]
+__all__ = ["LINEAR_NEW_MODULES", "attention_transfer_loss", "check_linear_student", "convert_linear", "full_mask_fields",
+           "linear_layers", "softmax_layers"]
 
 LINEAR_NEW_MODULES = ("feature_map_q", "feature_map_k", "window_factor")   # what the conversion adds per layer
 
@@ -49,6 +50,19 @@ def convert_linear(model, feature_map: str = "hedgehog", window: int = 64, layer
         raise ValueError(f"window must be an int >= 0 (0: pure linear attention), got {window!r}")
     if feature_dim is not None and (not isinstance(feature_dim, int) or feature_dim < 1):
         raise ValueError(f"feature_dim must be a positive int (or None: the head dim), got {feature_dim!r}")
+    keep = softmax_layers(model, layers)
+    opts = {"family": family, "feature_map": feature_map, "window": window, "feature_dim": feature_dim, "eps": eps,
+            "softmax_layers": keep}
+    base = full_mask_fields(entry, model, opts)
+    cfg_cls, lm_cls = linear_model_class(family)
+    record = provenance_record("linear", model, **{k: v for k, v in opts.items() if k != "family"})
+    return rebuild(model, cfg_cls, lm_cls, {**base, "hfa_linear": opts}, model.state_dict(), record,
+                   new_weights=LINEAR_NEW_MODULES)
+
+
+def softmax_layers(model, layers) -> list[int]:
+    """The sorted indices in `layers` (None: none) of the layers to keep as softmax; ValueError for a bad list or
+    one that keeps every layer."""
     n = model.config.num_hidden_layers
     if layers is not None and (isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__")):
         raise ValueError(f"layers must be a list of layer indices to keep as softmax (e.g. [0, 15]), got {layers!r}")
@@ -58,22 +72,24 @@ def convert_linear(model, feature_map: str = "hedgehog", window: int = 64, layer
         raise ValueError(f"layers={layers!r}: layer indices to keep as softmax must lie in 0 .. {n - 1}; bad: {bad}")
     if len(keep) == n:
         raise ValueError(f"layers={layers!r} keeps all {n} layers softmax: nothing to convert")
-    opts = {"family": family, "feature_map": feature_map, "window": window, "feature_dim": feature_dim, "eps": eps,
-            "softmax_layers": keep}
+    return keep
+
+
+def full_mask_fields(entry, model, opts: dict) -> dict:
+    """`model`'s config fields with its sliding windows switched off, so its masks mark causality and padding only
+    (a sliding-window mask would hide the keys the linear part reads; a family whose RoPE follows the layer types
+    keeps them: see attention.families.without_windows); the window it had is kept in
+    ``opts["original_sliding_window"]``."""
     base = config_fields(model)
     if base.get("sliding_window") is not None or base.get("use_sliding_window"):
-        # the model's masks must mark padding only: a sliding-window mask would hide the keys the linear part reads
-        # (a family whose RoPE follows the layer types keeps them: see attention.families.without_windows)
         opts["original_sliding_window"] = base.get("sliding_window")
         base = without_windows(entry, base)
-    cfg_cls, lm_cls = linear_model_class(family)
-    record = provenance_record("linear", model, **{k: v for k, v in opts.items() if k != "family"})
-    return rebuild(model, cfg_cls, lm_cls, {**base, "hfa_linear": opts}, model.state_dict(), record,
-                   new_weights=LINEAR_NEW_MODULES)
+    return base
 
 
 def linear_layers(model) -> dict[int, LinearAttention]:
-    """{layer index: LinearAttention} of a (possibly wrapped: DDP, peft) model."""
+    """{layer index: LinearAttention} of a (possibly wrapped: DDP, peft) model (the Mamba-2-form layers of
+    ``convert(model, "mamba2")`` are LinearAttention too)."""
     return {m.layer_idx: m for m in model.modules() if isinstance(m, LinearAttention)}
 
 
@@ -110,9 +126,11 @@ def attention_transfer_loss(student, teacher, input_ids, **_):
 
 
 def check_linear_student(student) -> None:
-    """Stage "attention"'s check: `student` must have linear-attention layers (made by ``convert(model, "linear")``)."""
+    """Stage "attention"'s check: `student` must have linear-attention layers (made by ``convert(model, "linear")``
+    or ``convert(model, "mamba2")``)."""
     if not linear_layers(student):
         raise ValueError(f"stage='attention' is layer-by-layer attention transfer: it trains the linear-attention "
-                         f"layers of a student made by convert(model, 'linear', ...), and {type(student).__name__} "
+                         f"layers of a student made by convert(model, 'linear' or 'mamba2', ...), and "
+                         f"{type(student).__name__} "
                          f"has none (it keeps softmax attention). Heal it with stage='logits'")
 
