@@ -45,7 +45,8 @@ test-min-transformers: $(STAMP)
 		tests/attention/test_family_sweep.py tests/attention/test_mask_contract.py tests/attention/test_registry.py tests/conversions/test_gqa.py tests/conversions/test_mla.py \
 		tests/conversions/test_mla_gemma3.py tests/conversions/test_linear.py tests/conversions/test_io.py \
 		tests/conversions/test_mla_qwen3.py tests/conversions/test_linear_gemma3.py tests/attention/test_families.py tests/attention/test_backends.py \
-		tests/attention/test_sparse_patch.py tests/attention/test_ring_model.py
+		tests/attention/test_sparse_patch.py tests/attention/test_ring_model.py tests/attention/test_kv_policies.py \
+		tests/conversions/test_mamba2.py
 	rm -rf $(MIN_ENV)
 
 # The throwaway env: a venv on the base interpreter (what `python -m venv` makes, even from inside a venv)
