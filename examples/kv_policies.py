@@ -27,7 +27,8 @@ from hf_efficient_attn.eval.kv_check import kv_check, kv_perplexity
 
 
 def _list(text, kind=int):
-    return tuple(kind(x) for x in text.split(",") if x.strip())
+    """'1024,4096' -> (1024, 4096); 'none' -> () (skip that part)."""
+    return () if text.strip().lower() == "none" else tuple(kind(x) for x in text.split(",") if x.strip())
 
 
 def policies_at(context: int, fraction: float):
@@ -95,7 +96,7 @@ def main(argv=None):
     p.add_argument("--fractions", type=lambda t: _list(t, float), default=(0.25, 0.1))
     p.add_argument("--eval-tokens", type=int, default=256)
     p.add_argument("--passkey-depths", type=lambda t: _list(t, float), default=(0.25, 0.5, 0.75))
-    p.add_argument("--speed-contexts", type=lambda t: () if t == "none" else _list(t), default=(1024, 4096, 16384),
+    p.add_argument("--speed-contexts", type=_list, default=(1024, 4096, 16384),
                    help="contexts of the decode-speed check (full vs each policy at 10%%); 'none' skips it")
     p.add_argument("--past", default="8192:2000", help="PROMPT:TOKENS for the past-the-window run; 'none' skips it")
     p.add_argument("--json")

@@ -261,3 +261,53 @@ def test_patched_context_restores_the_policy():
     assert hfa.kv.policy_of(model).name == "streaming_s2_w4"
     hfa.unpatch(model)
     assert hfa.kv.policy_of(model) is None
+
+
+@pytest.mark.parametrize("S", [1, 3])
+def test_quest_cpu_gather_path_equals_the_block_sparse_reference(S):
+    from hf_efficient_attn.attention.kv.quest import gather_pages_attention
+    from hf_efficient_attn.kernels.sparse import BlockLayout, block_sparse_attention_reference
+    g = torch.Generator().manual_seed(3)
+    B, Hq, H, T, D, ps = 2, 6, 2, 77, 16, 16                       # 5 pages, the last one partial
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((Hq, S), (H, T), (H, T)))
+    P = -(-T // ps)
+    pages = torch.zeros(B, H, P, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            pages[b, h, torch.randperm(P - 1, generator=g)[:2]] = True
+            pages[b, h, -1] = True                                   # the newest page, as Quest forces
+    kpm = torch.ones(B, T, dtype=torch.bool)
+    kpm[1, :20] = False                                              # a left-padded row: page 0 all padding
+    idx = pages.nonzero()[:, 2].view(B, H, 3)                        # ascending, the newest page last
+    layout = BlockLayout.from_block_mask(pages[:, :, None], 16, ps, q_len=S, kv_len=T)
+    for mask in (kpm, None):                                         # the masked product; SDPA for 1 token
+        got = gather_pages_attention(q, k, v, idx, ps, scale=0.3, key_padding_mask=mask)
+        want = block_sparse_attention_reference(q, k, v, layout, scale=0.3, causal=True, key_padding_mask=mask)[0]
+        assert (got - want).abs().max() < 1e-5
+
+
+def test_policy_cache_appends_in_place_and_counts_its_spare_slots():
+    from hf_efficient_attn.attention.kv.base import GROW_SLOTS
+    from hf_efficient_attn.eval.cost import _deduplicated_bytes, cache_tensors
+    layer = PolicyCacheLayer(hfa.kv.quest(16, 128), 0)
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(2, 3, s, 4, generator=g) for s in (5, 1, 1, 3)]
+    ptrs = []
+    with torch.no_grad():
+        for c in chunks:
+            k, v = layer.update(c, -c)
+            layer.settle_positions(None)
+            ptrs.append(k.data_ptr())
+    want = torch.cat(chunks, 2)
+    assert torch.equal(layer.keys, want) and torch.equal(layer.values, -want) and len(set(ptrs[1:])) == 1
+    assert layer.pos[0, 0].tolist() == list(range(10)) and bool(layer.valid.all())
+    spare = 2 * (2 * 3 * GROW_SLOTS * 4 * 4)                        # keys + values, fp32, beyond the 10 slots
+    assert _deduplicated_bytes(cache_tensors(layer)) >= 2 * want.numel() * 4 + spare   # the real memory, spare too
+    layer.crop(4)                                                    # keep 4 slots, then append: no stale view
+    with torch.no_grad():
+        layer.update(chunks[-1], -chunks[-1])
+        layer.settle_positions(None)
+    assert torch.equal(layer.keys, torch.cat([want[:, :, :4], chunks[-1]], 2)) and layer.keys.shape[2] == 7
+    x = torch.randn(2, 3, 1, 4, requires_grad=True)                  # under autograd: a plain cat, no buffer
+    k, _ = layer.update(x, x)
+    assert k.requires_grad and "keys" not in layer._buffers_

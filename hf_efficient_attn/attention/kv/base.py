@@ -24,6 +24,8 @@ import torch
 import transformers  # noqa: F401  (without transformers: the ModuleNotFoundError the package expects)
 from transformers.cache_utils import DynamicLayer
 
+GROW_SLOTS = 256  # spare slots a policy layer's buffers get when they grow (see PolicyCacheLayer._append)
+
 __all__ = ["KVPolicy", "PolicyCacheLayer", "check_int"]
 
 
@@ -78,6 +80,7 @@ class PolicyCacheLayer(DynamicLayer):
         self.evicted = 0          # slots dropped so far (crop refuses once this is > 0)
         self.pending = 0          # new slots whose positions the attention call has not filled in yet
         self.extra: dict = {}     # the policy's own per-layer state (Quest's page bounds, SnapKV's queries)
+        self._buffers_: dict = {}  # name -> the buffer whose prefix the attribute views (see _append)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -92,10 +95,39 @@ class PolicyCacheLayer(DynamicLayer):
                 f"KV policy {self.policy.name}: layer {self.layer_idx} was updated twice without an attention call "
                 f"through hf_efficient_attn in between; this layer's attention does not go through transformers' "
                 f"attention registry, so the policy cannot run on it. hfa.unpatch(model) restores the full cache.")
-        keys, values = super().update(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = self._append("keys", self.keys, key_states, -2)
+        self.values = self._append("values", self.values, value_states, -2)
         self.pending = key_states.shape[-2]
         self.seen += self.pending
-        return keys, values
+        return self.keys, self.values
+
+    def _append(self, name: str, cur: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
+        """``cat([cur, new], dim)`` in amortised O(new): ``cur`` is kept as a prefix view of a buffer with room
+        for GROW_SLOTS more slots (torch.cat copies the whole cache every decode step: at 16k tokens on a CPU
+        that copy cost more than the attention Quest saves). Any other tensor in ``cur`` (evicted, reordered,
+        offloaded) or a call under autograd starts over from a plain cat. The buffer is reachable from the layer,
+        so ``kv_cache_bytes`` counts its spare slots too (at most GROW_SLOTS per layer)."""
+        if torch.is_grad_enabled() and (new.requires_grad or cur.requires_grad):
+            self._buffers_.pop(name, None)
+            return torch.cat([cur, new], dim=dim)
+        if cur.dim() != new.dim():     # transformers starts a layer at torch.tensor([]), which cat skips
+            cur = new.narrow(dim, 0, 0)
+        dim = dim % cur.dim()
+        T, S = cur.shape[dim], new.shape[dim]
+        buf = self._buffers_.get(name)
+        fits = (buf is not None and buf.data_ptr() == cur.data_ptr() and buf.dtype == cur.dtype
+                and buf.device == cur.device and buf.shape[dim] >= T + S
+                and buf.shape[:dim] == cur.shape[:dim] and buf.shape[dim + 1:] == cur.shape[dim + 1:])
+        if not fits:
+            shape = list(cur.shape)
+            shape[dim] = T + S + GROW_SLOTS
+            buf = cur.new_empty(shape)
+            buf.narrow(dim, 0, T).copy_(cur)
+            self._buffers_[name] = buf
+        buf.narrow(dim, T, S).copy_(new)
+        return buf.narrow(dim, 0, T + S)
 
     # --- what the attention function does -------------------------------------------------------------
     def settle_positions(self, new_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +140,8 @@ class PolicyCacheLayer(DynamicLayer):
         count = torch.cumsum(new_valid.long(), dim=1)
         pos = self.real[:, None] + count - 1  # a pad takes its predecessor's position: slots stay sorted
         self.real = self.real + count[:, -1]
-        self.pos = torch.cat([self.pos, pos[:, None].expand(B, H, S)], dim=-1)
-        self.valid = torch.cat([self.valid, new_valid[:, None].expand(B, H, S)], dim=-1)
+        self.pos = self._append("pos", self.pos, pos[:, None].expand(B, H, S), -1)
+        self.valid = self._append("valid", self.valid, new_valid[:, None].expand(B, H, S), -1)
         self.pending = 0
         return pos, new_valid
 
@@ -123,6 +155,7 @@ class PolicyCacheLayer(DynamicLayer):
             return
         order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :n]  # kept first, in order
         self.evicted += T - n
+        self._buffers_ = {}  # the gathered tensors below are new: drop the old buffers now, not at the next append
         gather4 = order[..., None].expand(*order.shape, self.keys.shape[-1])
         self.keys = self.keys.gather(2, gather4)
         self.values = self.values.gather(2, order[..., None].expand(*order.shape, self.values.shape[-1]))
@@ -151,6 +184,7 @@ class PolicyCacheLayer(DynamicLayer):
         self.pos = self.valid = self.real = None
         self.seen = self.evicted = self.pending = 0
         self.extra = {}
+        self._buffers_ = {}
 
     def crop(self, tokens_to_remove: int) -> None:
         if self.evicted:
@@ -164,6 +198,7 @@ class PolicyCacheLayer(DynamicLayer):
         if n == 0 or not self.is_initialized:
             return
         real_removed = self.valid[:, 0, -n:].sum(-1)
+        self._buffers_ = {}  # the next append copies: nothing that viewed the cropped slots sees them rewritten
         super().crop(-n)
         self.pos, self.valid = self.pos[..., :-n], self.valid[..., :-n]
         self.real = self.real - real_removed
