@@ -207,6 +207,7 @@ class PolicyCacheLayer(DynamicLayer):
 
     def _rows(self, fn) -> None:
         if self.is_initialized and self.keys.numel():
+            self._buffers_ = {}  # the rows below are new tensors: let the old buffers go now
             self.keys, self.values = fn(self.keys), fn(self.values)
             self.pos, self.valid, self.real = fn(self.pos), fn(self.valid), fn(self.real)
             self.extra = {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in self.extra.items()}
