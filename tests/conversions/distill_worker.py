@@ -22,6 +22,10 @@ def main(out):
     if state.is_main_process:
         torch.save({"weights": weights, "losses": res.losses, "tokens": res.tokens, "processes": state.num_processes,
                     "ranks_agree": same}, out)
+    # end the group before exiting: a rank that exits with gloo's threads still running can abort in C++
+    # ("terminate called without an active exception"; seen once in CI with other jobs on the cores)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
