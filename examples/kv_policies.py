@@ -13,16 +13,22 @@ f·C tokens: ``streaming(4, f·C - 4)``, ``snapkv(f·C)``, ``quest(16, f·C)`` (
 f·C tokens' worth of pages per step). Passkey: the landmark prompt of C tokens with the key at each depth
 (``hf_efficient_attn.eval.passkey``), greedy, exact match, with the policy active for the prefill and the answer.
 Speed: ``measure_speed`` (a prefill of each ``--speed-contexts`` length of random tokens, then 16 greedy steps),
-the full cache and each policy at 10%, side by side in one run. ``--past P:N``: streaming(4, 1024) fed N tokens past a P-token prompt (chunks of 250,
-exact for this policy), perplexity by position, and the cache bytes after 2k and 16k tokens.
+the full cache and each policy at 10%, side by side in one run. ``--past P:N``: streaming(4, 1024) fed N tokens
+past a P-token prompt (chunks of 250, exact for this policy), perplexity by position, the cache bytes after 2k and
+16k tokens, then ``generate`` of N greedy tokens after the same prompt (past the model's window when P + N exceeds
+it) and the bytes of generate's own cache at the end.
 """
 
 import argparse
 import json
 import time
 
+import torch
+
 import hf_efficient_attn as hfa
-from hf_efficient_attn.eval import kv_cache_bytes, load_model, measure_speed, passkey_retrieval
+from hf_efficient_attn.eval import kv_cache_bytes, load_model, measure_speed, passkey_retrieval, tokenize_stream
+from hf_efficient_attn.eval.cost import _deduplicated_bytes, cache_tensors
+from hf_efficient_attn.eval.data import load_text
 from hf_efficient_attn.eval.kv_check import kv_check, kv_perplexity
 
 
@@ -78,14 +84,25 @@ def run(model_name="smollm2-135m", contexts=(4096, 8192), fractions=(0.25, 0.1),
         with hfa.patched(model, kv=policy):
             got = kv_perplexity(model, tok, prompt_tokens=prompt, eval_tokens=n, chunk=250)
             b2k, b16k = kv_cache_bytes(model, 2048), kv_cache_bytes(model, 16384)
+            # and generation itself: n greedy tokens after the same prompt, through generate's own cache
+            ids = tokenize_stream(tok, load_text(None), max_tokens=prompt)[None, :prompt]
+            t0 = time.perf_counter()
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, return_dict_in_generate=True)
+            gen_s = time.perf_counter() - t0
+            gen_bytes = _deduplicated_bytes(cache_tensors(gen.past_key_values))
         buckets = 4
         curve = [(prompt + i * n // buckets,
                   float(got["nll"][i * n // buckets:(i + 1) * n // buckets].mean().exp()))
                  for i in range(buckets)]
+        generated = gen.sequences.shape[1] - prompt
         out["past"] = dict(policy=policy.name, prompt=prompt, tokens=n, ppl=got["ppl"], curve=curve,
-                           window=model.config.max_position_embeddings, bytes_2k=b2k, bytes_16k=b16k)
+                           window=model.config.max_position_embeddings, bytes_2k=b2k, bytes_16k=b16k,
+                           generated=generated, generate_seconds=gen_s, generate_cache_bytes=gen_bytes)
         log(f"{policy.name} past a {prompt}-token prompt: {n} tokens, ppl {got['ppl']:.3f}, by position "
-            + ", ".join(f"{p}: {v:.2f}" for p, v in curve) + f"; cache bytes after 2k {b2k} / after 16k {b16k}")
+            + ", ".join(f"{p}: {v:.2f}" for p, v in curve) + f"; cache bytes after 2k {b2k} / after 16k {b16k}; "
+            f"generate: {generated} new tokens to position {prompt + generated} in {gen_s:.0f} s, cache {gen_bytes} "
+            f"bytes at the end")
     return out
 
 

@@ -30,6 +30,7 @@ def test_example_kv_policies_small(tmp_path):
     assert by["streaming"]["cache_bytes"] < by["streaming"]["cache_bytes_full"]
     assert by["quest"]["cache_bytes"] >= by["quest"]["cache_bytes_full"]  # Quest bounds reads, not memory
     assert res["past"]["bytes_2k"] == res["past"]["bytes_16k"]
+    assert res["past"]["generated"] == 32 and 0 < res["past"]["generate_cache_bytes"] <= res["past"]["bytes_2k"]
     (speed,) = res["speed"]
     assert speed["context"] == 256 and speed["full_tok_s"] > 0
     assert [n.split("_")[0] for n in speed["policies"]] == ["streaming", "snapkv", "quest"]
