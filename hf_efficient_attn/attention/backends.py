@@ -31,7 +31,12 @@ _logged_once: set[str] = set()
 
 
 def log_once(message: str) -> None:
-    """Log a fallback once per distinct message, not once per layer and call."""
+    """Log a fallback once per distinct message, not once per layer and call.
+
+    Not while ``torch.compile`` traces: Dynamo cannot trace a logging call (it would break the graph), so a
+    compiled model's fallbacks are logged by an eager call of the same model (every fallback is exact)."""
+    if torch.compiler.is_compiling():
+        return
     if message not in _logged_once:
         _logged_once.add(message)
         logger.warning(message)

@@ -21,6 +21,11 @@ never passes the window). A mask a layer rewrote arrives as a plain 4-D tensor a
 ``None`` (a layer that drops the mask) means: causal iff the module is causal, the ``sliding_window``
 kwarg, no padding (what SDPA does with None).
 
+**Under torch.compile** the mask is the plain eager-format tensor with its structure attached (:class:`TracedMask`,
+read through :func:`mask_info`: Dynamo cannot build a tensor subclass in a graph), and no check reads tensor
+data: an all-True key padding is kept (it cuts nothing), a mask function we do not recognise stays an explicit
+mask (not verified against the structures), fallbacks are not logged. Every result stays exact.
+
 **Keyword arguments.** Every kwarg of a call is understood (``UNDERSTOOD_KWARGS``: sliding_window,
 softcap, s_aux and per-query sinks, position_bias, is_causal, packed-sequence lengths), known to be
 harmless (``HARMLESS_KWARGS``), or unknown: then backend "auto" runs the layer's own eager function
@@ -148,6 +153,44 @@ class HFAMask(torch.Tensor):
         return func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs))
 
 
+class TracedMask:
+    """What an :class:`HFAMask` knows, for a mask built under ``torch.compile``.
+
+    Dynamo cannot build a tensor subclass inside a graph (``_make_wrapper_subclass`` breaks it), so under
+    ``torch.compile`` our mask function returns the plain eager-format 4-D mask and keeps its structure in this
+    object, attached to the mask as ``mask._hfa_mask`` (a Python attribute Dynamo tracks). A layer that rewrites
+    the mask gets a new tensor without the attribute, which our attention function applies as the exact 4-D
+    mask it is, as with an HFAMask. The dense mask is built in the graph; when only our attention function
+    reads the structure, the compiler drops it as dead code. Read it through :func:`mask_info`.
+    """
+
+    def __init__(self, shape, dtype, device, *, causal=False, window=None, padding=None, explicit=None):
+        self.shape, self.dtype, self.device = torch.Size(shape), dtype, device
+        self.causal, self.window, self.padding, self.explicit = bool(causal), window, padding, explicit
+
+    structured = HFAMask.structured
+    allowed = HFAMask.allowed
+    key_padding = HFAMask.key_padding
+
+    def dense(self) -> torch.Tensor:
+        """The eager-format mask (0 = attend, ``finfo(dtype).min`` = masked), carrying this object."""
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        mask = torch.where(self.allowed(), zero, torch.finfo(self.dtype).min)
+        mask._hfa_mask = self
+        return mask
+
+    def __repr__(self):
+        return "Traced" + HFAMask.__repr__(self)
+
+
+def mask_info(attention_mask):
+    """The structure our mask function gave ``attention_mask``: the :class:`HFAMask` itself, the
+    :class:`TracedMask` of a mask built under ``torch.compile``, or None (a mask a layer built or rewrote)."""
+    if isinstance(attention_mask, HFAMask):
+        return attention_mask
+    return getattr(attention_mask, "_hfa_mask", None)
+
+
 def _structure_rows(batch_size, r0, r1, q_length, kv_length, causal, window, padding, device):
     """Rows r0:r1 of the bool mask a structure describes, queries aligned to the end of the keys."""
     q_pos = torch.arange(r0, r1, device=device)[:, None] + (kv_length - q_length)
@@ -167,7 +210,8 @@ def _closure(fn) -> dict:
     return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
 
 
-def _recognised_structure(mask_function):
+@torch.compiler.assume_constant_result  # a pure function of the mask function: torch.compile evaluates it while
+def _recognised_structure(mask_function):   # tracing (Dynamo cannot read a closure it builds in the graph)
     """(causal, window) for transformers' own causal / sliding-window / bidirectional mask functions, else None.
 
     Recognised by code object, so an equal-looking user function is verified instead (``_verified_structure``)."""
@@ -235,16 +279,20 @@ def hfa_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_func
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                          local_size=local_size, allow_is_causal_skip=False, **kwargs)
 
+    # under torch.compile: no check that reads tensor data (each would break the graph), and a plain tensor
+    # carrying its structure (see TracedMask); every answer stays exact, only some are less structured
+    compiling = torch.compiler.is_compiling()
+    mask_class = TracedMask if compiling else HFAMask
     static = isinstance(q_offset, torch.Tensor) or isinstance(kv_offset, torch.Tensor)
     aligned = not static and q_offset + q_length == kv_offset + kv_length
     if not static:
         padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
         if padding is not None:
             padding = padding[:, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)
-            if bool(padding.all()):
+            if not compiling and bool(padding.all()):  # compiled: an all-True padding stays (it cuts nothing)
                 padding = None
         structure = _recognised_structure(mask_function)
-        if structure is None:
+        if structure is None and not compiling:  # compiled: an unrecognised mask function stays explicit
             candidates = [(True, local_size), (True, None), (False, None)] if aligned else [(False, None)]
             if aligned and local_size is None and q_length > 0:  # a window nobody told us about?
                 candidates.insert(0, (True, _window_guess(exact_rows(q_length - 1, q_length), padding)))
@@ -254,9 +302,11 @@ def hfa_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_func
             causal, window = structure
             if window is not None and window >= kv_length:
                 window = None  # a window longer than every key cuts nothing
-            return HFAMask(shape, dtype, device, causal=causal, window=window, padding=padding)
+            mask = mask_class(shape, dtype, device, causal=causal, window=window, padding=padding)
+            return mask.dense() if compiling else mask
     explicit = exact_rows(0, q_length).expand(shape)
-    return HFAMask(shape, dtype, device, explicit=explicit)
+    mask = mask_class(shape, dtype, device, explicit=explicit)
+    return mask.dense() if compiling else mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +412,8 @@ def _eager_mask(attention_mask, dtype):
         return None
     if isinstance(attention_mask, HFAMask):
         return attention_mask.dense().to(dtype)
+    if mask_info(attention_mask) is not None:  # a compiled mask: already the eager-format mask
+        return attention_mask.to(dtype)
     if attention_mask.dtype == torch.bool:
         if attention_mask.dim() == 2:
             attention_mask = attention_mask[:, None, None, :]
@@ -385,13 +437,13 @@ def _options_from_call(module, query, key, attention_mask, scaling, dropout, kwa
     if opts["softcap"] is not None and opts["softcap"] <= 0:
         opts["softcap"] = None
     Sq, Skv = query.shape[2], key.shape[2]
-    if isinstance(attention_mask, HFAMask) and attention_mask.structured and \
-            tuple(attention_mask.shape[-2:]) == (Sq, Skv):
+    info = mask_info(attention_mask)
+    if info is not None and info.structured and tuple(info.shape[-2:]) == (Sq, Skv):
         # the mask is the truth (as in eager): its structure, not the layer's kwargs, says causal/window
-        opts["causal"], opts["window"] = attention_mask.causal, attention_mask.window
-        opts["key_padding_mask"] = attention_mask.padding
-    elif isinstance(attention_mask, HFAMask):
-        opts["attn_mask"] = attention_mask.allowed()[:, :, :, :Skv]
+        opts["causal"], opts["window"] = info.causal, info.window
+        opts["key_padding_mask"] = info.padding
+    elif info is not None:
+        opts["attn_mask"] = info.allowed()[:, :, :, :Skv]
         opts["causal"], opts["window"] = False, None
     elif attention_mask is not None:
         if attention_mask.dim() == 2:
@@ -431,7 +483,8 @@ def _windowed(attention_mask, kwargs) -> bool:
     """Whether the layer restricts itself to a sliding window (its kwarg, or the window its mask carries)."""
     if kwargs.get("sliding_window") is not None:
         return True
-    return isinstance(attention_mask, HFAMask) and attention_mask.structured and attention_mask.window is not None
+    info = mask_info(attention_mask)
+    return info is not None and info.structured and info.window is not None
 
 
 def make_attention_function(backend: str):

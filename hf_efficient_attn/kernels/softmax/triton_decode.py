@@ -1,6 +1,7 @@
 """Split-KV (flash-decoding) softmax attention in Triton for 1-16 new query tokens against a long KV cache.
 
-Same definition and conventions as :mod:`.reference`. Forward only (inference).
+Same definition and conventions as :mod:`.reference`. Forward only (inference); the launcher is the custom op
+``torch.ops.hfa.decode_attention_fwd`` (one node under ``torch.compile``).
 
 How it works:
 
@@ -30,6 +31,7 @@ from ..triton_utils import (
     auto_num_splits,
     cu_seqlens_arg,
     dot_flags,
+    kernel_op,
     key_padding_arg,
     last_dim_contiguous,
     max_seqlen,
@@ -39,9 +41,16 @@ from ..triton_utils import (
 from ..triton_utils.jit import autotune_configs, merge_splits, seq_bounds, tile_pruner
 from .reference import check_attention_inputs
 from .triton_dispatch import MAX_DECODE_Q_LEN
-from .triton_flash import fwd_inner, score_consts
+from .triton_flash import (
+    OPTION_NAMES,
+    attention_backward,
+    fake_attention_outputs,
+    fwd_inner,
+    score_consts,
+    setup_attention_context,
+)
 
-__all__ = ["decode_attention", "MAX_DECODE_Q_LEN"]
+__all__ = ["decode_attention", "decode_attention_fwd", "MAX_DECODE_Q_LEN"]
 
 INTERPRETED = record_build(__name__)
 
@@ -169,6 +178,39 @@ def _decode_fwd(q, k, v, *, scale, causal, window, softcap, key_padding_mask, si
 
 
 # ----------------------------------------------------------------------------------------------
+# Custom op
+# ----------------------------------------------------------------------------------------------
+# torch.ops.hfa.decode_attention_fwd: the launcher as a custom op (one torch.compile graph node). Its (out, lse) is
+# the flash forward's, so its registered backward is the flash backward: the op is differentiable, though
+# decode_attention itself refuses gradients (the FlashAttention forward is the faster way to get them).
+
+@kernel_op("decode_attention_fwd", "(Tensor q, Tensor k, Tensor v, Tensor? sinks, Tensor? key_padding_mask, "
+           "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, float scale, bool causal, int? window, float? softcap, "
+           "int max_seqlen_q, int max_seqlen_k, int? num_splits) -> (Tensor, Tensor)")
+def decode_attention_fwd(q, k, v, sinks, *options):
+    """(out, lse) of :func:`decode_attention` (its checks already done; options in ``OPTION_NAMES`` order, then
+    num_splits)."""
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    return _decode_fwd(q, k, v, sinks=sinks, **dict(zip((*OPTION_NAMES, "num_splits"), options)))
+
+
+@decode_attention_fwd.register_fake
+def _(q, k, v, sinks, *options):
+    return fake_attention_outputs(q, v)
+
+
+def _setup_decode_context(ctx, inputs, output):
+    setup_attention_context(ctx, inputs[:-1], output)  # num_splits does not change the result
+
+
+def _decode_backward(ctx, do, dlse):
+    return attention_backward(ctx, do, dlse) + (None,)
+
+
+decode_attention_fwd.register_autograd(_decode_backward, setup_context=_setup_decode_context)
+
+
+# ----------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------
 
@@ -206,10 +248,7 @@ def decode_attention(q, k, v, *, scale=None, causal=False, window=None, softcap=
                          f"{max_seqlen_q}: use flash_attention")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    return _decode_fwd(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
-                       causal=bool(causal), window=None if window is None else int(window),
-                       softcap=None if softcap is None else float(softcap), key_padding_mask=key_padding_mask,
-                       sinks=sinks, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                       max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max(max_seqlen_k, 1)),
-                       num_splits=num_splits)
+    return decode_attention_fwd(q, k, v, sinks, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                                1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale), bool(causal),
+                                None if window is None else int(window), None if softcap is None else float(softcap),
+                                int(max_seqlen_q), int(max(max_seqlen_k, 1)), num_splits)

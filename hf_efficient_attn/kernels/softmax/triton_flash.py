@@ -1,4 +1,4 @@
-"""FlashAttention-2 style softmax attention in Triton: forward, backward, autograd, public function.
+"""FlashAttention-2 style softmax attention in Triton: forward, backward, custom ops with autograd, public function.
 
 Same definition and conventions as :mod:`.reference` (read its module docstring): ``q: [B, Hq, Sq, D]``,
 ``k: [B, Hkv, Skv, D]``, ``v: [B, Hkv, Skv, Dv]``, bottom-right causal alignment, windows counted in
@@ -20,6 +20,9 @@ How it works:
   forward. The sinks gradient is a per-head reduction done in torch from ``lse`` and ``delta``.
 * head dims up to 256 of any size (tiles are padded to a power of two and masked); fp16/bf16 inputs
   use tensor cores, fp32 inputs use exact fp32 dots (``input_precision="ieee"``).
+* ``torch.compile``: the forward and backward launchers are the custom ops ``torch.ops.hfa.flash_attention_fwd``
+  / ``_bwd`` (fake functions for the shapes, the backward op registered as the forward's autograd), so a compiled
+  model records each call as one graph node; Inductor calls the kernels as they are.
 * ``TRITON_INTERPRET=1`` runs everything on CPU (slow, for tests): there low-precision tiles are cast
   to fp32 before ``tl.dot`` (the interpreter's bf16 dot is wrong) and autotuning has one config.
 """
@@ -38,6 +41,7 @@ from ..triton_utils import (
     MAX_HEAD_DIM,
     cu_seqlens_arg,
     dot_flags,
+    kernel_op,
     key_padding_arg,
     last_dim_contiguous,
     max_seqlen,
@@ -47,7 +51,7 @@ from ..triton_utils import (
 from ..triton_utils.jit import LN2_K, LOG2E_K, autotune_configs, dot, seq_bounds, tile_pruner
 from .reference import check_attention_inputs
 
-__all__ = ["flash_attention"]
+__all__ = ["flash_attention", "flash_attention_bwd", "flash_attention_fwd"]
 
 INTERPRETED = record_build(__name__)
 
@@ -602,8 +606,15 @@ def _sinks_grad(sinks, lse, delta):
     return -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
 
 
-def _flash_bwd(do, dlse, q, k, v, out, lse, *, scale, causal, window, softcap, key_padding_mask, sinks,
-               cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def _flash_bwd(do, dlse, q, k, v, out, lse, *, sinks, **options):
+    """(dq, dk, dv, dsinks or None) of the forward that gave (out, lse)."""
+    dq, dk, dv, delta = _flash_bwd_kernels(do, dlse, q, k, v, out, lse, **options)
+    return dq, dk, dv, _sinks_grad(sinks, lse, delta)
+
+
+def _flash_bwd_kernels(do, dlse, q, k, v, out, lse, *, scale, causal, window, softcap, key_padding_mask,
+                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """(dq, dk, dv, delta [B, Hq, Sq] fp32 = rowsum(dO * O) - dlse); the sinks gradient follows from lse and delta."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv, Dv = k.shape[1], k.shape[2], v.shape[3]
     do = last_dim_contiguous(do)
@@ -615,8 +626,8 @@ def _flash_bwd(do, dlse, q, k, v, out, lse, *, scale, causal, window, softcap, k
     if dlse is not None:
         dlse = dlse.float().contiguous()
     if Sq == 0 or Skv == 0:  # no (query, key) pair: dq, dk, dv are zero (or empty); lse is the sink alone
-        delta = (out.float() * do.float()).sum(-1) - (0 if dlse is None else dlse)
-        return dq.zero_(), dk.zero_(), dv.zero_(), _sinks_grad(sinks, lse, delta)
+        delta.copy_((out.float() * do.float()).sum(-1) - (0 if dlse is None else dlse))
+        return dq.zero_(), dk.zero_(), dv.zero_(), delta
     # -- delta = rowsum(dO * O) - dlse
     BLOCK_PRE = 64
     _bwd_preprocess_kernel[(triton.cdiv(Sq, BLOCK_PRE), B * Hq)](
@@ -648,27 +659,74 @@ def _flash_bwd(do, dlse, q, k, v, out, lse, *, scale, causal, window, softcap, k
         dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1), s_mb,
         Hq, Hq // Hkv, Sq, Skv, int(window or 0), scale, qk_scale, sc_in, sc_out, **common,
     )
-    return dq, dk, dv, _sinks_grad(sinks, lse, delta)
+    return dq, dk, dv, delta
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# Custom ops and autograd
 # ----------------------------------------------------------------------------------------------
+# torch.ops.hfa.flash_attention_fwd / _bwd: the launchers as custom ops (torch.compile records each as one graph
+# node), the forward differentiable through the backward op. Options are flat arguments (a schema has no dicts).
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """(q, k, v, sinks) -> (out, lse); both outputs are differentiable."""
+_OPTIONS = ("Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, float scale, bool causal, "
+            "int? window, float? softcap, int max_seqlen_q, int max_seqlen_k")
+OPTION_NAMES = ("key_padding_mask", "cu_seqlens_q", "cu_seqlens_k", "scale", "causal", "window", "softcap",
+                "max_seqlen_q", "max_seqlen_k")
 
-    @staticmethod
-    def forward(ctx, q, k, v, sinks, options):
-        out, lse = _flash_fwd(q, k, v, sinks=sinks, **options)
-        ctx.save_for_backward(q, k, v, out, lse, sinks)
-        ctx.options = options
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, out, lse, sinks = ctx.saved_tensors
-        dq, dk, dv, dsinks = _flash_bwd(do, dlse, q, k, v, out, lse, sinks=sinks, **ctx.options)
-        return dq, dk, dv, dsinks, None
+def fake_attention_outputs(q, v):
+    """What the forward kernels return, as empty tensors: out [B, Hq, Sq, Dv] laid out as [B, Sq, Hq, Dv], lse."""
+    B, Hq, Sq, _ = q.shape
+    out = q.new_empty(B, Sq, Hq, v.shape[3]).transpose(1, 2)
+    return out, q.new_empty(B, Hq, Sq, dtype=torch.float32)
+
+
+@kernel_op("flash_attention_fwd", f"(Tensor q, Tensor k, Tensor v, Tensor? sinks, {_OPTIONS}) -> (Tensor, Tensor)")
+def flash_attention_fwd(q, k, v, sinks, *options):
+    """(out, lse) of :func:`flash_attention` (its checks already done; options in ``OPTION_NAMES`` order)."""
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    return _flash_fwd(q, k, v, sinks=sinks, **dict(zip(OPTION_NAMES, options)))
+
+
+@flash_attention_fwd.register_fake
+def _(q, k, v, sinks, *options):
+    return fake_attention_outputs(q, v)
+
+
+@kernel_op("flash_attention_bwd", "(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+           f"{_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor)")
+def flash_attention_bwd(do, dlse, q, k, v, out, lse, *options):
+    """(dq, dk, dv, delta): the gradients of q, k, v and delta = rowsum(dO * O) - dlse (the sinks gradient is
+    :func:`_sinks_grad` of lse and delta)."""
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    return _flash_bwd_kernels(do, dlse, q, k, v, out, lse, **dict(zip(OPTION_NAMES, options)))
+
+
+@flash_attention_bwd.register_fake
+def _(do, dlse, q, k, v, out, lse, *options):
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    dq = q.new_empty(B, Sq, Hq, D).transpose(1, 2)
+    dk = k.new_empty(B, Skv, Hkv, D).transpose(1, 2)
+    dv = v.new_empty(B, Skv, Hkv, Dv).transpose(1, 2)
+    return dq, dk, dv, q.new_empty(B, Hq, Sq, dtype=torch.float32)
+
+
+def setup_attention_context(ctx, inputs, output):
+    """register_autograd's setup_context for every op whose inputs are (q, k, v, sinks, *options) and whose
+    output is (out, lse) of this forward (the decode op too: same math, so the same backward)."""
+    q, k, v, sinks, *options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, sinks, out, lse, *options[:3])
+    ctx.options = options[3:]
+
+
+def attention_backward(ctx, do, dlse):
+    q, k, v, sinks, out, lse, *tensor_options = ctx.saved_tensors
+    dq, dk, dv, delta = torch.ops.hfa.flash_attention_bwd(do, dlse, q, k, v, out, lse, *tensor_options, *ctx.options)
+    return (dq, dk, dv, _sinks_grad(sinks, lse, delta)) + (None,) * len(OPTION_NAMES)
+
+
+flash_attention_fwd.register_autograd(attention_backward, setup_context=setup_attention_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -712,6 +770,4 @@ def flash_attention(q, k, v, *, scale=None, causal=False, window=None, softcap=N
                    window=None if window is None else int(window), softcap=None if softcap is None else float(softcap),
                    key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                    max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks)):
-        return FlashAttentionFunction.apply(q, k, v, sinks, options)
-    return _flash_fwd(q, k, v, sinks=sinks, **options)
+    return flash_attention_fwd(q, k, v, sinks, *(options[name] for name in OPTION_NAMES))

@@ -3,7 +3,8 @@ side (:mod:`.jit`).
 
 This module never imports triton, so it answers on machines without it (macOS) and importing it builds no
 kernel: whether Triton can run here (:func:`triton_unavailable_reason`), the interpreter switch, the
-constants, tile padding, dot precision flags, split-KV heuristics, argument preparation. :mod:`.jit` holds
+constants, tile padding, dot precision flags, split-KV heuristics, argument preparation, the registration of
+kernels as ``torch.library`` custom ops (:func:`kernel_op`). :mod:`.jit` holds
 what needs triton: the ``@triton.jit`` helpers (the dot, the varlen sequence bounds), the log-sum-exp merge of
 split-KV partial results, and the autotuning grid helpers.
 
@@ -21,14 +22,15 @@ import os
 import torch
 
 __all__ = ["KERNEL_DTYPES", "LN2", "LOG2E", "MAX_HEAD_DIM", "MIN_KEYS_PER_SPLIT", "auto_num_splits", "cu_seqlens_arg",
-           "dot_flags", "f32_precision", "inputs_unsupported_reason", "interpreting", "key_padding_arg", "last_dim_contiguous", "max_seqlen",
-           "num_sms", "pad_dim", "record_build", "triton_unavailable_reason"]
+           "dot_flags", "f32_precision", "inputs_unsupported_reason", "interpreting", "kernel_op", "key_padding_arg",
+           "last_dim_contiguous", "max_seqlen", "num_sms", "OP_NAMESPACE", "pad_dim", "record_build", "triton_unavailable_reason"]
 
 LOG2E = 1.4426950408889634  # 1/ln 2: exp(x) = exp2(x * LOG2E); kernels keep scores in base 2
 LN2 = 0.6931471805599453    # ln 2: a base-2 log-sum-exp times LN2 is the natural one
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what every kernel takes
 MAX_HEAD_DIM = 256          # the largest head / feature / value dim whose tile row a program holds
 MIN_KEYS_PER_SPLIT = 256    # split-KV: below this a split's fixed cost (the q load, the partial write) dominates
+OP_NAMESPACE = "hfa"        # our custom ops: torch.ops.hfa.<name>
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,3 +157,21 @@ def key_padding_arg(key_padding_mask):
 def max_seqlen(cu_seqlens) -> int:
     """The longest packed sequence of ``cu_seqlens`` (one device sync; callers that know it pass it)."""
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------
+# Every kernel entry point that torch.compile may meet is a torch.library custom op: Dynamo records it as one
+# node of the graph (no graph break, no tracing into the launcher), its fake (meta) function gives the output
+# shapes and strides without running it, and its autograd formula is registered with it. torch.library.custom_op,
+# not triton_op: triton_op needs every launch wrapped in wrap_triton, which accepts neither our
+# @triton.heuristics-wrapped kernels nor (before torch 2.13) the interpreter's kernels, and the kernels must run
+# the same way on a GPU and in the interpreter. The cost: Inductor calls the kernels as they are, it does not fuse
+# into them.
+
+def kernel_op(name: str, schema: str):
+    """Decorator: the function becomes the custom op ``torch.ops.hfa.<name>`` with the given schema
+    (``"(Tensor q, ...) -> (Tensor, Tensor)"``; outputs are new tensors, no input is mutated). The caller adds
+    ``register_fake`` (and ``register_autograd``) on the returned op; ``torch.library.opcheck`` checks all three."""
+    return torch.library.custom_op(f"{OP_NAMESPACE}::{name}", mutates_args=(), schema=schema)
