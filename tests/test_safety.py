@@ -30,7 +30,7 @@ from hf_efficient_attn.errors import (CheckpointError, HFAError, NonFiniteError,
 
 from .conversions.conftest import random_ids
 from .eval.tiny import TEXT, byte_tokenizer, tiny_llama
-from .tiny_models import make_model
+from .tiny_models import converted, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 GQA = ["--method", "gqa", "--set", "num_kv_heads=1", "--set", "method=mean", "--quiet"]
@@ -198,12 +198,7 @@ def test_cli_nan_model_is_one_line_and_writes_nothing(tmp_path, capsys):
 # -- 3. bit-identical round trips, verified checkpoints ------------------------------------------------------
 
 def _converted(conversion):
-    model = make_model("llama")
-    if conversion == "cast":
-        return model
-    options = {"gqa": {"num_kv_heads": 1, "method": "mean"}, "mla": {"kv_lora_rank": 8, "rope_dim": 4,
-               "method": "weights"}, "linear": {"window": 4}}[conversion]
-    return hfa.convert(model, conversion, **options)
+    return make_model("llama") if conversion == "cast" else converted(conversion)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -297,7 +292,8 @@ def test_hints_name_what_the_user_can_do(tmp_path):
     card = (mla / "README.md").read_text()
     assert "import hf_efficient_attn" in card and "`model_type: hfa_mla_llama`" in card
     assert "does not recognize this architecture" in card
-    assert not (hfa.save(_converted("gqa"), tmp_path / "gqa") / "README.md").exists()   # a native checkpoint
+    native = (hfa.save(_converted("gqa"), tmp_path / "gqa") / "README.md").read_text()   # a native checkpoint
+    assert "stock transformers loads it too" in native and "does not recognize" not in native
 
 
 def test_a_failed_factorization_is_a_conversion_error(monkeypatch):

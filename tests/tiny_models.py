@@ -58,3 +58,19 @@ def make_model(family, attn="eager", dtype=torch.float32, seed=0):
 def outputs(model, **kw):
     out = model(**kw)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+# options that convert a tiny model fast and without calibration text, one entry per conversion
+TINY_CONVERSIONS = {
+    "gqa": {"num_kv_heads": 1, "method": "mean"},
+    "mla": {"kv_lora_rank": 8, "rope_dim": 4, "method": "weights"},
+    "linear": {"window": 4},
+    "mamba2": {},
+}
+
+
+def converted(conversion, family="llama"):
+    """A tiny `family` model converted by `conversion` with its `TINY_CONVERSIONS` options."""
+    import hf_efficient_attn as hfa
+
+    return hfa.convert(make_model(family), conversion, **TINY_CONVERSIONS[conversion])

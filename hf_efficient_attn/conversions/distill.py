@@ -64,7 +64,7 @@ from .io import check_finite, token_blocks
 from .linear import LINEAR_NEW_MODULES, attention_transfer_loss, check_linear_student
 from .mamba2 import MAMBA2_TRAINABLE
 from .mla import MLA_TRAINABLE
-from .toolkit import atomic_write, with_provenance
+from .toolkit import atomic_write, conversion_history, with_provenance
 
 __all__ = ["DistillResult", "DEFAULT_LR", "STAGES", "Stage", "TRAINABLE", "attention_linear_names", "default_trainable",
            "distill",
@@ -221,7 +221,7 @@ def default_trainable(student, stage: str = "logits") -> str:
     layers); else the stage's own default (stage "attention": ``"feature_maps"``, the feature maps of linear
     attention); else ``"kv"`` (what GQA pooling changed)."""
     inner = getattr(student, "module", student)
-    for record in reversed(getattr(inner, "hfa_conversions", None) or []):
+    for record in reversed(conversion_history(inner)):
         name = record.get("conversion") if isinstance(record, dict) else None
         if name in TRAINABLE:
             select = _bound(TRAINABLE[name], student)

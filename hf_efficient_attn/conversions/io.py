@@ -16,6 +16,12 @@ not exist, is the old checkpoint, or is the new one. ``hfa.json`` beside it reco
 made (the conversions, with their options), the attention implementation and dtype it ran with, and the
 size and sha256 of every file, which `load` checks; stock ``from_pretrained`` ignores that file (and
 ``hfa_buffers.safetensors``, the buffers save_pretrained leaves out), so a GQA checkpoint is a plain native one.
+``config.json`` carries the conversion record too (``hfa_conversions``), so it travels wherever the config goes
+(``push_to_hub``, a stock ``from_pretrained``), and ``README.md`` is the model card (see card.py).
+
+Sharing: ``huggingface_hub.upload_folder(repo_id=..., folder_path=path)`` uploads the whole checkpoint (card,
+record, buffers); ``hfa.load("user/name")`` downloads it into the Hugging Face cache and loads it as a local
+folder, verified the same way.
 
 Safety: `save` refuses NaN/inf weights, overwrites only a folder that is one of our checkpoints (never the
 working directory, the home folder or a source checkpoint), cleans up after an interrupted save, and writes
@@ -30,18 +36,22 @@ import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..errors import (CheckpointError, CheckpointWriteError, HFAError, MissingFileError, NonFiniteError, OptionError,
                       OverwriteRefusedError)
-from .toolkit import DOCUMENT_SEPARATOR, atomic_write, tokenizer_adds_bos
+from .card import eval_markdown, model_card
+from .toolkit import (CONFIG_RECORD_KEY, DOCUMENT_SEPARATOR, atomic_write, conversion_history, set_conversion_history,
+                      tokenizer_adds_bos)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BUFFERS_FILE", "RECORD_FILE", "check_finite", "check_target", "first_non_finite", "is_main_process",
-           "load", "save", "text_documents", "token_blocks", "tokenizer_adds_bos", "verify_checkpoint"]
+__all__ = ["BUFFERS_FILE", "CARD_FILE", "HUB_FILES", "RECORD_FILE", "check_finite", "check_target", "download_checkpoint",
+           "first_non_finite", "is_main_process", "load", "save", "text_documents", "token_blocks", "tokenizer_adds_bos",
+           "verify_checkpoint"]
 
 RECORD_FILE = "hfa.json"
 
@@ -175,8 +185,8 @@ def check_finite(model, role: str = "the model", fix: str = "") -> None:
 def _source_paths(model) -> list[Path]:
     """Local folders `model` was loaded from (its own, and those of the models it was converted from)."""
     names = {getattr(model, "name_or_path", None), getattr(model.config, "_name_or_path", None)}
-    for record in getattr(model, "hfa_conversions", []):
-        names.add(record.get("source"))
+    for record in conversion_history(model):
+        names.add(record.get("source") if isinstance(record, dict) else None)
     return [Path(n).expanduser().resolve() for n in names if n and Path(n).expanduser().is_dir()]
 
 
@@ -283,8 +293,10 @@ def _sha256(path: Path) -> str:
 
 
 def _file_records(folder: Path) -> dict[str, dict]:
+    """Size and sha256 of every file in `folder` but the record itself and the model card (documentation, which
+    people edit on the Hub: a changed card must not make the weights fail their check)."""
     return {p.relative_to(folder).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != RECORD_FILE}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (RECORD_FILE, CARD_FILE)}
 
 
 def _non_persistent_buffers(model) -> dict[str, torch.Tensor]:
@@ -315,32 +327,34 @@ def _restore_buffers(model, path: Path) -> None:
         mod._buffers[name] = t.to(mod._buffers[name].device)
 
 
-_CARD = """# A checkpoint that needs hf_efficient_attn
-
-This model ({architecture}, `model_type: {model_type}`) was converted by hf_efficient_attn and uses attention
-modules that stock transformers does not have. Load it with the package imported:
-
-```python
-import hf_efficient_attn as hfa
-model = hfa.load("{name}")          # or AutoModelForCausalLM.from_pretrained(...) after the import
-```
-
-Without the import, `AutoModelForCausalLM.from_pretrained` stops with "The checkpoint you are trying to load has
-model type `{model_type}` but Transformers does not recognize this architecture ... out of date": upgrading
-transformers does not help; `pip install hf_efficient_attn` and `import hf_efficient_attn` do.
-
-`hfa.json` records how the model was made; `hfa.load` checks every file against the sha256 listed there.
-"""
+@contextmanager
+def _config_record(config, history: list[dict]):
+    """For the duration of the ``with``: `config` carries `history` under ``hfa_conversions`` (as JSON), so
+    ``save_pretrained`` writes it into config.json; afterwards the config is as it was."""
+    had, old = hasattr(config, CONFIG_RECORD_KEY), getattr(config, CONFIG_RECORD_KEY, None)
+    if history or had:
+        setattr(config, CONFIG_RECORD_KEY, json.loads(json.dumps(history, default=str)))
+    try:
+        yield
+    finally:
+        if had:
+            setattr(config, CONFIG_RECORD_KEY, old)
+        elif hasattr(config, CONFIG_RECORD_KEY):
+            delattr(config, CONFIG_RECORD_KEY)
 
 
-def _needs_our_package(model) -> bool:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    return getattr(model.config, "model_type", None) not in CONFIG_MAPPING_NAMES
-
-
-def save(model, path, tokenizer=None, *, overwrite: bool = False, allow_non_finite: bool = False) -> Path:
+def save(model, path, tokenizer=None, *, eval_table=None, overwrite: bool = False,
+         allow_non_finite: bool = False) -> Path:
     """Save `model` (and `tokenizer`) as a checkpoint folder at `path`, atomically; returns the path.
+
+    Beside the weights: ``config.json`` carries the conversion record (``hfa_conversions``: every conversion and
+    heal, with its options; it travels with ``push_to_hub``), ``hfa.json`` repeats it with the sha256 of every file,
+    and ``README.md`` is a model card (base model, the record, heal tokens, how to load it; see `card.model_card`).
+    eval_table: the evaluation to show in the card, as Markdown text (a string of several lines, e.g.
+    ``hf_efficient_attn.eval.report.to_markdown(reports)``) or the path of a Markdown file (the ``report.md``
+    that ``hfa eval`` writes); None (the default) leaves the card without one. To share the checkpoint, upload
+    the folder (``huggingface_hub.upload_folder``): ``model.push_to_hub`` sends the record in config.json but
+    neither hfa.json, the buffers file nor this card.
 
     The folder is written next to `path` under a temporary name and renamed into place when complete;
     with ``overwrite=True`` an existing folder is replaced only after the new one is complete, and only if it is
@@ -358,6 +372,7 @@ def save(model, path, tokenizer=None, *, overwrite: bool = False, allow_non_fini
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
         raise OptionError(f"save takes a transformers model (with .config and .save_pretrained), got a "
                           f"{type(model).__name__}")
+    card_eval = eval_markdown(eval_table)
     if not allow_non_finite:
         check_finite(model, "the model", "Refusing to save it (a checkpoint of NaN weights only spreads them); "
                                          "pass allow_non_finite=True to save it anyway")
@@ -374,24 +389,24 @@ def save(model, path, tokenizer=None, *, overwrite: bool = False, allow_non_fini
             raise
         raise CheckpointWriteError(f"could not write the checkpoint {target}: {e.strerror or e}") from e
     existed = target.exists()
+    history = conversion_history(model)
 
     def write(tmp: Path) -> None:
         tmp.mkdir()
-        model.save_pretrained(tmp)
+        with _config_record(model.config, history):
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         buffers = _non_persistent_buffers(model)
         if buffers:
             from safetensors.torch import save_file
             save_file(buffers, tmp / BUFFERS_FILE)
-        if _needs_our_package(model) and not (tmp / CARD_FILE).exists():
-            (tmp / CARD_FILE).write_text(_CARD.format(architecture=type(model).__name__, name=target.name,
-                                                      model_type=model.config.model_type))
+        model_card(model, target.name, card_eval).save(tmp / CARD_FILE)
         from .. import __version__
         record = {"hf_efficient_attn": __version__,
                   "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                   "attn_implementation": model.config._attn_implementation,
-                  "conversions": getattr(model, "hfa_conversions", []),
+                  "conversions": history,
                   "files": _file_records(tmp)}
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
@@ -456,20 +471,91 @@ def _unreadable_weights(path: Path) -> str:
     return "a weights file cannot be read"
 
 
-def load(path, *, dtype=None, attn_implementation: str | None = None, device=None, verify: bool = True):
-    """Load a checkpoint written by `save` (or any causal-LM checkpoint) in eval mode.
+# what `load` downloads of a Hub repo: what save_pretrained, tokenizers and `save` write (not .bin, .onnx, .gguf)
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", CARD_FILE]
 
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except ValueError:        # HFValidationError
+        return False
+    return True
+
+
+def download_checkpoint(repo_id: str, *, revision: str | None = None, token=None) -> Path:
+    """The local folder of Hub repo `repo_id` (a snapshot in the Hugging Face cache, downloaded if needed, as
+    ``from_pretrained`` does): its checkpoint files (`HUB_FILES`), and any other file its ``hfa.json`` lists.
+    Raises `MissingFileError` saying what to do when the repo, its revision or the Hub cannot be reached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, token=token, allow_patterns=HUB_FILES))
+        listed = [f for f in _read_record(folder).get("files") or {} if not (folder / f).exists()]
+        if listed:      # files of ours the patterns do not cover: fetched from the same commit
+            folder = Path(snapshot_download(repo_id, revision=folder.name, token=token, allow_patterns=listed))
+    except GatedRepoError as e:
+        raise MissingFileError(f"{repo_id} on the Hugging Face Hub is gated: accept its terms at "
+                               f"https://huggingface.co/{repo_id}, then log in (`hf auth login`) or pass "
+                               "token=...") from e
+    except RevisionNotFoundError as e:
+        raise MissingFileError(f"{repo_id} on the Hugging Face Hub has no revision {revision!r}: pass a branch, "
+                               "tag or commit it has (or leave revision out for main)") from e
+    except RepositoryNotFoundError as e:
+        raise MissingFileError(f"no checkpoint folder {repo_id!r} here, and no model {repo_id!r} on the Hugging "
+                               "Face Hub (or it is private: log in with `hf auth login` or pass token=...). "
+                               "Check the path or the Hub id ('user/name')") from e
+    except LocalEntryNotFoundError as e:
+        raise MissingFileError(f"cannot download {repo_id!r}{at}: there is no local folder of that name, the "
+                               "Hugging Face Hub cannot be reached (no network, or HF_HUB_OFFLINE=1), and it is not "
+                               "in the local Hugging Face cache. Connect and retry (unset HF_HUB_OFFLINE), download "
+                               f"it once where the Hub is reachable (`hf download {repo_id}`), or pass the path of a "
+                               "local checkpoint folder") from e
+    if not any(folder.glob("*.safetensors")):
+        raise MissingFileError(f"the Hub repo {repo_id}{at} has no safetensors weights, which hfa.load reads: "
+                               "load it with transformers' AutoModelForCausalLM.from_pretrained instead")
+    return folder
+
+
+def _checkpoint_folder(path, revision, token) -> tuple[Path, str | None]:
+    """(the local folder of checkpoint `path`, its Hub id if it was downloaded)."""
+    local = Path(path).expanduser()
+    if local.exists() or isinstance(path, os.PathLike) or not isinstance(path, str) or not _is_hub_id(path):
+        if revision is not None or token is not None:
+            raise OptionError(f"revision= and token= apply to a Hub id ('user/name'); {str(path)!r} is "
+                              f"{'a local path' if local.exists() else 'not one'}: leave them out")
+        if not local.exists():
+            raise MissingFileError(f"no checkpoint folder at {local} (nor is {str(path)!r} a Hub id 'user/name')")
+        if not (local / "config.json").exists():
+            raise MissingFileError(f"{local} is not a checkpoint folder (no config.json)")
+        return local, None
+    return download_checkpoint(path, revision=revision, token=token), path
+
+
+def load(path, *, dtype=None, attn_implementation: str | None = None, device=None, verify: bool = True,
+         revision: str | None = None, token=None):
+    """Load a checkpoint written by `save` (or any causal-LM checkpoint in safetensors) in eval mode.
+
+    path: a local checkpoint folder, or a Hugging Face Hub id (``"user/name"``, as ``from_pretrained`` takes;
+    a local folder of that name wins), downloaded with `download_checkpoint` into the Hugging Face cache
+    (``$HF_HOME``; `revision` and `token` as in ``from_pretrained``) and then loaded like a local folder.
     By default the model comes back with the dtype and attention implementation it was saved with, and
     the buffers it had (restored from ``hfa_buffers.safetensors``), so its logits are bit-identical to the saved
     model's. With `verify` (the default), every file is first checked against the sha256 in the record
-    (`verify_checkpoint`). The tokenizer, if saved, loads with ``AutoTokenizer.from_pretrained(path)``.
+    (`verify_checkpoint`). ``model.hfa_conversions`` is the record of ``hfa.json``, else of ``config.json``. The
+    tokenizer, if saved, loads with ``AutoTokenizer.from_pretrained(path)`` (a Hub id works there too).
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    path = Path(path).expanduser()
-    if not (path / "config.json").exists():
-        raise MissingFileError(f"{path} is not a checkpoint folder (no config.json)")
+    path, hub_id = _checkpoint_folder(path, revision, token)
     record = _read_record(path)
     if verify:
         verify_checkpoint(path)
@@ -485,7 +571,10 @@ def load(path, *, dtype=None, attn_implementation: str | None = None, device=Non
                               f"corrupt: copy or save it again ({type(e).__name__}: {e})") from e
     if (path / BUFFERS_FILE).exists() and (dtype is None or _torch_dtype_of(dtype) == saved_dtype):
         _restore_buffers(model, path)
-    model.hfa_conversions = record.get("conversions", [])
+    set_conversion_history(model, record["conversions"] if "conversions" in record else conversion_history(model))
+    if hub_id is not None:       # as from_pretrained(hub_id) names it: a conversion's record says where it came from
+        model.name_or_path = hub_id
+        model.config._name_or_path = hub_id
     if device is not None:
         model.to(device)
     return model.eval()

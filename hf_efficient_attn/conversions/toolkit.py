@@ -2,7 +2,7 @@
 
     calibration_forward(model, ids, [(layer.self_attn, hook)])   # eval mode, no grad, logits_to_keep=1
     new = rebuild(model, LlamaMLAConfig, LlamaMLAForCausalLM, fields, state, record)
-    record = provenance_record("gqa", model, method="pca")       # -> new.hfa_conversions, then hfa.json
+    record = provenance_record("gqa", model, method="pca")       # -> new.hfa_conversions, config.json, hfa.json
     atomic_write(path, lambda tmp: tmp.write_text("..."))        # complete or absent, never half-written
     DOCUMENT_SEPARATOR, tokenizer_adds_bos(tok)                  # how text becomes one token stream
 
@@ -13,6 +13,7 @@ tokenizer adds one), so the activations a conversion fits are those the perplexi
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import secrets
 import shutil
@@ -21,8 +22,9 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["DOCUMENT_SEPARATOR", "accepts_logits_to_keep", "atomic_write", "calibration_forward", "config_fields", "provenance_record",
-           "rebuild", "tokenizer_adds_bos", "with_provenance"]
+__all__ = ["CONFIG_RECORD_KEY", "DOCUMENT_SEPARATOR", "accepts_logits_to_keep", "atomic_write", "calibration_forward",
+           "config_fields", "conversion_history", "provenance_record", "rebuild", "set_conversion_history",
+           "tokenizer_adds_bos", "with_provenance"]
 
 
 # -- text ---------------------------------------------------------------------------------------------
@@ -82,24 +84,46 @@ def calibration_forward(model, input_ids: torch.Tensor, hooks: Iterable[tuple[to
 
 # -- the converted model ------------------------------------------------------------------------------
 
+CONFIG_RECORD_KEY = "hfa_conversions"   # the conversion record in config.json: it travels with push_to_hub
+
+
 def provenance_record(conversion: str, model, **options) -> dict:
-    """What the result of `conversion` keeps of how it was made (``hfa_conversions``, saved in ``hfa.json``): the
-    conversion's name, its options, and the checkpoint `model` was loaded from (``"source"``; None if unknown).
-    Add measured facts (energy kept, calibration tokens) with ``record.update``."""
+    """What the result of `conversion` keeps of how it was made (``hfa_conversions``, saved in ``config.json`` and
+    ``hfa.json``): the conversion's name, its options, and the checkpoint `model` was loaded from (``"source"``; None
+    if unknown). Add measured facts (energy kept, calibration tokens) with ``record.update``."""
     return {"conversion": conversion, **options, "source": getattr(model, "name_or_path", None) or None}
 
 
+def conversion_history(model) -> list[dict]:
+    """The conversions (and heals) `model` went through, oldest first: ``model.hfa_conversions``, else the record its
+    config carries (a model loaded by stock ``from_pretrained`` or ``pipeline(model=path)``), else ``[]``."""
+    history = getattr(model, "hfa_conversions", None)
+    if history is None:
+        history = getattr(getattr(model, "config", None), CONFIG_RECORD_KEY, None)
+    return list(history or [])
+
+
+def set_conversion_history(model, history: list[dict]):
+    """Set `model`'s record to `history`, on the model (``hfa_conversions``) and in its config (``config.json``'s
+    ``hfa_conversions``, as JSON: what ``save_pretrained`` and ``push_to_hub`` write); returns `model`. An empty
+    history leaves the config as it was, so a model never converted saves a stock config."""
+    model.hfa_conversions = list(history)
+    config = getattr(model, "config", None)
+    if config is not None and (history or hasattr(config, CONFIG_RECORD_KEY)):
+        setattr(config, CONFIG_RECORD_KEY, json.loads(json.dumps(list(history), default=str)))
+    return model
+
+
 def with_provenance(new, model, record: dict):
-    """`new`, its ``hfa_conversions`` set to `model`'s history followed by `record`; returns `new`."""
-    new.hfa_conversions = [*getattr(model, "hfa_conversions", []), record]
-    return new
+    """`new`, its record (`set_conversion_history`) set to `model`'s history followed by `record`; returns `new`."""
+    return set_conversion_history(new, [*conversion_history(model), record])
 
 
 def config_fields(model) -> dict:
     """`model`'s config as keyword arguments for another config class of its family (its ``model_type``,
-    ``architectures`` and ``transformers_version`` left out: the new class has its own)."""
+    ``architectures``, ``transformers_version`` and conversion record left out: the new class has its own)."""
     return {k: v for k, v in model.config.to_dict().items()
-            if k not in ("model_type", "architectures", "transformers_version")}
+            if k not in ("model_type", "architectures", "transformers_version", CONFIG_RECORD_KEY)}
 
 
 def rebuild(model, config_cls, model_cls, fields: dict, state: dict, record: dict, new_weights: tuple = ()):

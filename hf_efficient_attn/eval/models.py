@@ -12,7 +12,10 @@ and anything else as a local checkpoint folder, a local ``.gguf`` file, or a Hub
 
 Dequantizing a GGUF file takes tens of seconds, so the first load of a GGUF-backed bundled model
 converts it once to a plain safetensors checkpoint (the dequantized weights, fp32) under the user's
-cache directory (``$HFA_CACHE``, else ``~/.cache/hf_efficient_attn``); later loads read that. The
+cache directory (`cache_dir`: ``$HFA_CACHE``, else ``$HF_HOME/hf_efficient_attn``, else
+``$XDG_CACHE_HOME/hf_efficient_attn``, else ``~/.cache/hf_efficient_attn``); later loads read that. Its
+folder name holds the package's version and the transformers version that wrote it (`cached_checkpoint`), so
+an upgrade of either converts again instead of reading a checkpoint an older transformers laid out. The
 cached checkpoint is written to a temporary folder and renamed into place, so a crash or two
 processes converting at once never leave a half-written checkpoint behind.
 """
@@ -31,11 +34,12 @@ from pathlib import Path
 import torch
 
 from ..conversions.toolkit import atomic_write
-from ..errors import CheckpointError, HFAError, MissingFileError
+from ..errors import CheckpointError, HFAError, MissingFileError, OptionError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BUNDLED_MODELS", "BundledModel", "cache_dir", "load_model", "resolve_bundled_checkpoint"]
+__all__ = ["BUNDLED_MODELS", "BundledModel", "cache_dir", "cached_checkpoint", "load_model", "resolve_bundled_checkpoint",
+           "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -99,9 +103,26 @@ _SOURCE_RECORD = "hfa_source.json"
 
 
 def cache_dir() -> Path:
-    """The user's cache directory for converted checkpoints: ``$HFA_CACHE``, else ``~/.cache/hf_efficient_attn``."""
-    env = os.environ.get("HFA_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "hf_efficient_attn"
+    """The user's cache directory for converted checkpoints: ``$HFA_CACHE`` (the override) as it is; else a folder
+    ``hf_efficient_attn`` in ``$HF_HOME`` (where Hugging Face caches go, e.g. a large disk), else in
+    ``$XDG_CACHE_HOME``, else in ``~/.cache``. An empty variable counts as unset."""
+    env = os.environ.get("HFA_CACHE", "").strip()
+    if env:
+        return Path(env).expanduser()
+    for var in ("HF_HOME", "XDG_CACHE_HOME"):
+        base = os.environ.get(var, "").strip()
+        if base:
+            return Path(base).expanduser() / "hf_efficient_attn"
+    return Path.home() / ".cache" / "hf_efficient_attn"
+
+
+def cached_checkpoint(spec: BundledModel) -> Path:
+    """Where bundled model `spec` is cached as a plain checkpoint: its name, package and package version, and the
+    transformers version (a checkpoint one transformers writes is not promised to load the same in another)."""
+    import transformers
+
+    return (cache_dir() / "models" /
+            f"{spec.name}-{spec.distribution}-{_distribution_version(spec)}-transformers-{transformers.__version__}")
 
 
 def _torch_dtype(dtype) -> torch.dtype:
@@ -195,13 +216,16 @@ def resolve_bundled_checkpoint(name: str) -> Path:
             )
         return model_dir
 
+    import transformers
+
     version = _distribution_version(spec)
-    target = cache_dir() / "models" / f"{spec.name}-{spec.distribution}-{version}"
+    target = cached_checkpoint(spec)
     if (target / _SOURCE_RECORD).exists():
         return target
     _require_gguf(spec)
     source = {"bundled_name": spec.name, "upstream": spec.hf_name, "package": spec.distribution,
-              "package_version": version, "license": spec.license, "dtype": "float32"}
+              "package_version": version, "transformers_version": transformers.__version__,
+              "license": spec.license, "dtype": "float32"}
     if spec.name == "smollm2-135m":
         if not (pkg_dir / _SMOLLM2_GGUF).exists():
             raise MissingFileError(
@@ -236,10 +260,40 @@ def _is_causal_lm(config) -> bool:
     return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(config, "is_encoder_decoder", False)
 
 
-def load_model(name_or_path, dtype=torch.float32, attn_implementation=None):
+def resolve_device(device=None) -> torch.device:
+    """The device a command runs on: None or ``"auto"`` is CUDA where available, else CPU; ``"cpu"``, ``"cuda"``,
+    ``"cuda:N"`` are checked against this machine (a clear error, not a crash later in the first kernel)."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise OptionError(f"--device {device!r} is not a device ({e}): use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise OptionError(f"--device {device!r}: hf_efficient_attn runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise OptionError(f"--device {device!r}, but this machine has no CUDA GPU torch can use (torch "
+                          f"{torch.__version__}, cuda {torch.version.cuda}): use --device cpu (or auto)")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise OptionError(f"--device {device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s): use "
+                          f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return dev
+
+
+def load_model(name_or_path, dtype=torch.float32, attn_implementation=None, device=None):
     """Load a model and its tokenizer: a bundled name, a local checkpoint folder or ``.gguf`` file, or a Hub id.
 
-    Returns ``(model, tokenizer)`` with the model in eval mode on CPU. Causal LMs load with
+    Returns ``(model, tokenizer)`` with the model in eval mode on `device` (None: CPU; ``"auto"``: CUDA where
+    available, see :func:`resolve_device`)."""
+    dev = torch.device("cpu") if device is None else resolve_device(device)
+    model, tokenizer = _load(name_or_path, dtype, attn_implementation)
+    return (model if dev.type == "cpu" else model.to(dev)), tokenizer
+
+
+def _load(name_or_path, dtype=torch.float32, attn_implementation=None):
+    """`load_model` on CPU. Causal LMs load with
     ``AutoModelForCausalLM``; encoders (e.g. ``minilm-l6``) with ``AutoModel``. ``attn_implementation``
     is passed to ``from_pretrained`` (``None`` lets transformers choose, usually ``"sdpa"``).
     """

