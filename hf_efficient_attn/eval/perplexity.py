@@ -18,9 +18,11 @@ The protocol, exactly:
    ``W - s`` tokens of context. ``stride=W`` without BOS is identical to ``stride=None``.
 4. ``nll`` is the mean negative log-likelihood in nats over the scored tokens (log-softmax in fp32,
    summed in fp64), ``ppl = exp(nll)``.
+5. ``bits_per_byte`` is the summed NLL in bits over the UTF-8 bytes of the scored tokens' text (each window's
+   scored span decoded as one piece), so models with different tokenizers compare on the same text.
 
-Per-token perplexities of models with different tokenizers are not comparable; compare models
-that share a tokenizer (a model and its conversions).
+Per-token perplexities of models with different tokenizers are not comparable; compare models that share a
+tokenizer (a model and its conversions), or compare bits per byte.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .data import TextData, load_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PerplexityResult", "perplexity", "tokenize_stream", "tokenizer_adds_bos", "windows"]
+__all__ = ["PerplexityResult", "perplexity", "scored_bytes", "tokenize_stream", "tokenizer_adds_bos", "windows"]
 
 _PIECE_CHARS = 1 << 16          # tokenize at most ~64k characters per call
 _LOGITS_BUDGET_BYTES = 1 << 30  # auto batch size: fp32 logits of one batch stay under 1 GiB
@@ -50,6 +52,8 @@ class PerplexityResult:
     nll: float       # mean negative log-likelihood per scored token, nats
     tokens: int      # scored tokens
     protocol: dict = field(default_factory=dict)
+    bytes: int | None = None           # UTF-8 bytes of the scored tokens' text
+    bits_per_byte: float | None = None  # nll * tokens / ln 2 / bytes: comparable across tokenizers
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,7 +61,8 @@ class PerplexityResult:
     def __str__(self) -> str:
         p = self.protocol
         stride = "disjoint" if p.get("stride") is None else f"stride {p['stride']}"
-        return (f"ppl {self.ppl:.4f} (nll {self.nll:.5f}) over {self.tokens} tokens of {p.get('data')}; "
+        bpb = "" if self.bits_per_byte is None else f", {self.bits_per_byte:.4f} bits/byte"
+        return (f"ppl {self.ppl:.4f} (nll {self.nll:.5f}{bpb}) over {self.tokens} tokens of {p.get('data')}; "
                 f"context {p.get('context_length')}, {stride}, {p.get('dtype')}")
 
 
@@ -264,6 +269,18 @@ def _score(model, stream: torch.Tensor, groups, bos_id: int | None, progress: bo
     return nll_sum, n_scored
 
 
+def scored_bytes(tokenizer, stream: torch.Tensor, wins: list[tuple[int, int, int]]) -> int:
+    """UTF-8 bytes of the text of the scored tokens: each window's scored span ``stream[end - n:end]`` decoded as
+    one piece (a byte-level BPE round-trips exactly; a character split across two windows' spans counts once per
+    side, at most a few bytes per window)."""
+    total = 0
+    for _, end, n in wins:
+        ids = stream[end - n:end].tolist()
+        total += len(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                     .encode("utf-8"))
+    return total
+
+
 def _protocol(model, tokenizer, text: TextData, stream: torch.Tensor, context_length, stride, max_tokens, bos,
               n_scored: int, n_windows: int) -> dict:
     """Everything needed to tell whether two results were measured the same way."""
@@ -323,4 +340,6 @@ def perplexity(model, tokenizer, data=None, context_length: int = 512, stride: i
         raise FloatingPointError(f"the model produced a non-finite loss ({nll}) on {text.name}: check its dtype "
                                  f"({next(model.parameters()).dtype}; fp16 overflows easily) and weights")
     protocol = _protocol(model, tokenizer, text, stream, context_length, stride, max_tokens, bos, n_scored, len(wins))
-    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=n_scored, protocol=protocol)
+    n_bytes = scored_bytes(tokenizer, stream, wins)
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=n_scored, protocol=protocol, bytes=n_bytes,
+                            bits_per_byte=nll_sum / math.log(2) / n_bytes if n_bytes else None)

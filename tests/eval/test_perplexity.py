@@ -264,3 +264,23 @@ def test_tokenizer_model_mismatch():
     small = tiny_llama(vocab_size=100)
     with pytest.raises(ValueError, match="tokenizer and model do not match"):
         perplexity(small, byte_tokenizer(), TEXT, progress=False)
+
+
+@pytest.mark.parametrize("bos,stride", [(True, None), (False, None), (False, 9)])
+def test_bits_per_byte_counts_the_scored_bytes(model, bos, stride):
+    """One token per byte: the scored bytes are the scored tokens, and bits per byte is the NLL in bits. With BOS
+    every stream token is scored, so the bytes are the whole text's."""
+    tok = byte_tokenizer(bos=bos)
+    res = perplexity(model, tok, TEXT, context_length=40, stride=stride, progress=False)
+    assert res.bytes == res.tokens
+    if bos:
+        assert res.bytes == len(TEXT.encode("utf-8"))
+    assert res.bits_per_byte == pytest.approx(res.nll / math.log(2), rel=1e-12)
+    assert "bits/byte" in str(res)
+
+
+def test_scored_bytes_decodes_each_window_span():
+    tok = byte_tokenizer()
+    stream = torch.tensor(tok("héllo wörld", add_special_tokens=False).input_ids)   # 13 bytes
+    assert ppl_mod.scored_bytes(tok, stream, [(0, 13, 13)]) == 13
+    assert ppl_mod.scored_bytes(tok, stream, [(0, 6, 5), (6, 13, 7)]) == 12
