@@ -27,16 +27,40 @@ def _add_patch_check(sub):
     p.add_argument("--reference-impl", default="sdpa", help="stock implementation to compare with (sdpa or eager)")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate and compare")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto",
+                   help="where MODEL runs: auto (cuda when available, else cpu), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--json", default=None, help="also write the result as JSON to this path")
 
     def run(args):
         from .eval.patch_check import patch_check, print_patch_check
         res = patch_check(args.model, backend=args.backend, reference_impl=args.reference_impl,
-                          new_tokens=args.new_tokens, dtype=args.dtype, json_path=args.json)
+                          new_tokens=args.new_tokens, dtype=args.dtype, json_path=args.json,
+                          device=_device(args.device))
         print_patch_check(res)
         return 0 if res["ok"] else 1
 
     p.set_defaults(func=run)
+
+
+def _device(spec: str):
+    """--device: checked against this machine (`eval.models.resolve_device`). On cpu the heal stays there too:
+    accelerate would otherwise move it to a GPU it finds."""
+    import os
+
+    from .eval.models import resolve_device
+    dev = resolve_device(spec)
+    if dev.type == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    return dev
+
+
+def _task_list(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return ()
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names:
+        raise OptionError(f"--tasks {text!r} names no task: give NAME[,NAME], e.g. hfa_lastword")
+    return names
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -81,6 +105,8 @@ def _add_eval(sub):
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the data")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: automatic)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto",
+                   help="where MODEL runs: auto (cuda when available, else cpu), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--kv-tokens", type=int, default=None,
                    help="tokens in the forward pass that measures the KV cache (default: --context)")
     p.add_argument("--speed-contexts", type=_int_list, default=(128, 512, 2048),
@@ -100,6 +126,11 @@ def _add_eval(sub):
                    help="tokens scored through the cache for 'stream ppl' when --kv is given (default 128)")
     p.add_argument("--passkey", type=_int_list, default=(), metavar="LENGTHS",
                    help="passkey retrieval accuracy at these prompt lengths, comma-separated (e.g. 1024,4096,8192)")
+    p.add_argument("--tasks", default=None, metavar="NAME[,NAME]",
+                   help="downstream tasks through lm-eval-harness on every row (pip install "
+                        "'hf_efficient_attn[tasks]'): the bundled hfa_lastword, hfa_passkey[_N] run offline; any "
+                        "lm-eval task where the Hub is reachable")
+    p.add_argument("--task-limit", type=int, default=None, help="documents per task (default: all)")
     p.add_argument("--out", default="hfa-eval", help="folder for report.json, report.md and plots (default hfa-eval)")
     p.add_argument("--no-plots", action="store_true", help="write no plots (plots need matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -110,8 +141,10 @@ def _add_eval(sub):
                                   max_tokens=args.max_tokens, batch_size=args.batch_size, kv_tokens=args.kv_tokens,
                                   speed_contexts=() if args.no_speed else args.speed_contexts,
                                   decode_tokens=args.decode_tokens, dtype=args.dtype, split=args.split,
+                                  device=_device(args.device),
                                   sparse=args.sparse, kv=args.kv, stream_tokens=args.stream_tokens,
-                                  passkey_lengths=args.passkey, progress=not args.quiet)
+                                  passkey_lengths=args.passkey, tasks=_task_list(args.tasks),
+                                  task_limit=args.task_limit, progress=not args.quiet)
         print(format_table(reports))
         files = write_report(reports, args.out, plots=not args.no_plots)
         print(f"wrote {files['json']}, {files['markdown']}" + "".join(f", {p}" for p in files["plots"]))
@@ -121,25 +154,35 @@ def _add_eval(sub):
 
 
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="the main job, offline: SmolLM2-135M patch check, the conversions of "
-                                    "eval.report.DEMO_CONVERSIONS (GQA 3 -> 1 KV heads by each method, one healed), "
-                                    "one perplexity / KV-cache / speed table on held-out text")
-    p.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens to evaluate (default 8192)")
-    p.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--speed-contexts", type=_int_list, default=(128, 512),
-                   help="context lengths for decode speed, comma-separated (default 128,512)")
-    p.add_argument("--decode-tokens", type=int, default=16, help="tokens decoded per speed measurement")
-    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens compared by the patch check")
+    p = sub.add_parser("demo", help="the main job, offline: SmolLM2-135M patch check, ring check, every method of "
+                                    "eval.report.DEMO_CONVERSIONS (GQA, MLA, linear, Mamba-2, sparse patterns, KV "
+                                    "policies) in one perplexity / bits-per-byte / KV-cache / speed table and one "
+                                    "Pareto plot (about 12 min on 2 CPU cores; --quick: under 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="small budgets (eval.report.QUICK: 512 held-out tokens, 256-token windows, heals cut 16x)")
+    p.add_argument("--max-tokens", type=int, default=None, help="held-out tokens to evaluate (default 4096; quick 512)")
+    p.add_argument("--context", type=int, default=None, help="tokens per window (default 512; quick 256)")
+    p.add_argument("--speed-contexts", type=_int_list, default=None,
+                   help="context lengths for decode speed, comma-separated (default 512; quick 64)")
+    p.add_argument("--decode-tokens", type=int, default=None, help="tokens decoded per speed measurement")
+    p.add_argument("--new-tokens", type=int, default=None, help="greedy tokens compared by the patch check")
     p.add_argument("--no-conversions", action="store_true", help="only the base model: patch check and baseline")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto",
+                   help="where MODEL runs: auto (cuda when available, else cpu), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--out", default="hfa-demo", help="folder for report.json, report.md and plots (default hfa-demo)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def run(args):
         from .eval.report import run_demo
+        for flag in ("max_tokens", "context", "decode_tokens", "new_tokens"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                raise OptionError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
         res = run_demo(max_tokens=args.max_tokens, context_length=args.context, out_dir=args.out,
                        speed_contexts=args.speed_contexts, decode_tokens=args.decode_tokens,
                        patch_new_tokens=args.new_tokens, conversions=[] if args.no_conversions else None,
-                       progress=not args.quiet)
+                       progress=not args.quiet, quick=args.quick, device=_device(args.device), dtype=args.dtype)
         return 0 if res["ok"] else 1
 
     p.set_defaults(func=run)
@@ -532,7 +575,7 @@ def _load_and_convert(args, options, accepted, calibration, main: bool, say):
     from .eval.models import load_model
 
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, dtype=args.dtype)
+    model, tok = load_model(args.model, dtype=args.dtype, device=_device(args.device))
     if model.get_output_embeddings() is None:
         raise HFAError(f"{args.model} is not a causal language model ({type(model).__name__}): hfa convert "
                        "converts decoder checkpoints (e.g. LlamaForCausalLM)")
@@ -609,7 +652,9 @@ def run_convert(args) -> int:
         print(format_table(reports), flush=True)
 
     import hf_efficient_attn as hfa
-    saved = hfa.save(new, out, tokenizer=tok, overwrite=args.overwrite)
+    from .eval.report import to_markdown
+    saved = hfa.save(new, out, tokenizer=tok, overwrite=args.overwrite,
+                     eval_table=None if reports is None else to_markdown(reports))   # into the model card
     say(f"saved {saved} (load it with hf_efficient_attn.load({str(saved)!r}))")
     if reports is not None:
         from .eval.report import write_report
@@ -642,6 +687,8 @@ def _add_convert(sub):
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out, only once the new checkpoint is complete")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype to load MODEL in")
+    p.add_argument("--device", default="auto",
+                   help="where MODEL loads, converts and heals: auto (cuda when available, else cpu), cpu, cuda, cuda:N (default auto)")
     g = p.add_argument_group("calibration (for conversions that take calibration text)")
     g.add_argument("--calibration", default=None, metavar="DATA",
                    help="text file, folder, 'python-docs' or 'datasets:NAME[:CONFIG]' (default: the calibration "

@@ -128,6 +128,8 @@ def test_heal_and_eval_write_the_report_beside_the_checkpoint(tmp_path, llama_di
     assert record["heal"]["tokens"] == 256 and record["heal"]["trainable"] == "attention"
     assert record["calibration"]["data"] == "python-docs:calibration"   # the default calibration text
     assert (out / "report.md").exists()
+    card = (out / "README.md").read_text()   # the model card carries the same table
+    assert "| model | ppl | Δppl |" in card and f"{after['ppl']:.3f}" in card and "import hf_efficient_attn" in card
     # the report's "after" perplexity is the saved checkpoint's, and the heal changed the weights
     back, tok = hfa.load(out), load_model(llama_dir)[1]
     res = hfa.perplexity(back, tok, load_text(text_file), context_length=64, max_tokens=300, progress=False)

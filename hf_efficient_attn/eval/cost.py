@@ -4,7 +4,8 @@
 tokens with ``use_cache=True`` and adds up the tensors the returned cache object holds, whatever
 they are — keys and values of full or sliding-window layers, the latent of an MLA cache, the state
 and normaliser of linear attention — so a converted model is measured by the same code as the
-original.
+original. `kv_cache_bytes_at_length` gets the same count at a long context without computing it: the forward runs
+on the meta device (shapes and dtypes, no data), so the cache object is the real one with empty tensors.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from ..attention.model_io import cache_kwarg as _cache_kwarg  # noqa: F401  (tes
 from ..attention.model_io import forward_params as _forward_params
 from ..attention.model_io import output_cache as _output_cache
 
-__all__ = ["SpeedPoint", "cache_tensors", "kv_cache_bytes", "measure_speed", "parameter_count"]
+__all__ = ["SpeedPoint", "cache_tensors", "kv_cache_bytes", "kv_cache_bytes_at_length", "measure_speed",
+           "merge_speed", "parameter_count"]
 
 _MAX_DEPTH = 12
 
@@ -90,7 +92,7 @@ def _deduplicated_bytes(tensors: list[tuple[str, torch.Tensor]]) -> int:
         if t.numel() == 0:
             continue
         st = t.untyped_storage()
-        key = st.data_ptr()
+        key = st._cdata if t.is_meta else st.data_ptr()  # meta storages all sit at address 0
         storage_size[key] = st.nbytes()
         view = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
         per_storage.setdefault(key, {})[view] = t.numel() * t.element_size()
@@ -131,6 +133,43 @@ def kv_cache_bytes(model, tokens: int = 1024, batch_size: int = 1) -> int:
     return _deduplicated_bytes(tensors)
 
 
+def _meta_copy(model):
+    """A copy of `model` whose parameters and buffers are meta tensors (no data copied: cheap at any size)."""
+    import copy
+
+    memo = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in memo:
+            meta = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def kv_cache_bytes_at_length(model, tokens: int, batch_size: int = 1) -> int | None:
+    """What :func:`kv_cache_bytes` would return after `tokens` tokens, without computing them: the same forward on a
+    meta-device copy of the model (shapes and dtypes only, seconds at any length), the same count over the real cache
+    object. None where the cache's size depends on the data (a KV-cache policy choosing what to keep, a sparse
+    pattern estimated from the scores: their code reads values, which meta tensors do not have) — measure those
+    with :func:`kv_cache_bytes`."""
+    if not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens must be a positive integer, got {tokens!r}")
+    from ..attention import kv as kvp
+    from ..attention import sparse as sp
+
+    if kvp.policy_of(model) is not None or sp.pattern_of(model) is not None:
+        return None
+    meta = _meta_copy(model).eval()
+    ids = torch.zeros(batch_size, tokens, dtype=torch.long, device="meta")
+    kwargs = {"use_cache": True}
+    if "logits_to_keep" in _forward_params(meta):
+        kwargs["logits_to_keep"] = 1
+    with torch.inference_mode():
+        out = meta(input_ids=ids, **kwargs)
+    cache = _output_cache(out)
+    if cache is None:
+        raise ValueError(f"{type(model).__name__} returned no cache from a forward pass with use_cache=True: it keeps "
+                         "no KV cache. kv_cache_bytes_at_length applies to decoders")
+    return _deduplicated_bytes(cache_tensors(cache))
 
 
 def parameter_count(model, trainable_only: bool = False) -> int:
@@ -154,9 +193,43 @@ class SpeedPoint:
     decode_s: float        # for all decode steps (median of repeats)
     decode_tok_s: float
     cache_bytes: int | None = None   # bytes the real cache held right after the prefill (see kv_cache_bytes)
+    repeats: int = 1                 # timed runs the medians are over
+    decode_tok_s_min: float | None = None   # the spread of those runs
+    decode_tok_s_max: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _median(values):
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def _point(length: int, batch_size: int, decode_tokens: int, times: list[tuple[float, float, int]]) -> SpeedPoint:
+    """A SpeedPoint from timed runs ``(prefill_s, decode_s, cache_bytes)``: medians, with the decode spread."""
+    pre, dec = _median([t[0] for t in times]), _median([t[1] for t in times])
+    rates = [batch_size * decode_tokens / t[1] for t in times]
+    return SpeedPoint(length, pre, batch_size * length / pre, decode_tokens, dec, batch_size * decode_tokens / dec,
+                      times[0][2], len(times), min(rates), max(rates))
+
+
+def merge_speed(runs: list[list[SpeedPoint]]) -> list[SpeedPoint]:
+    """One list of SpeedPoints from several `measure_speed` runs of the same model and context lengths (rounds
+    interleaved with other models, so a load on the machine hits every model alike): each run's point is one sample
+    (its median where it had repeats); the result holds the medians and the decode spread over the samples."""
+    if not runs:
+        raise ValueError("merge_speed needs at least one run")
+    merged = []
+    for points in zip(*runs, strict=True):
+        length = points[0].context
+        if any(p.context != length or p.decode_tokens != points[0].decode_tokens for p in points):
+            raise ValueError("merge_speed: the runs measured different context lengths or decode tokens")
+        batch = round(points[0].prefill_tok_s * points[0].prefill_s / length)
+        times = [(p.prefill_s, p.decode_s, p.cache_bytes) for p in points]
+        merged.append(_point(length, batch, points[0].decode_tokens, times))
+    return merged
 
 
 def measure_speed(model, context_lengths=(128, 512, 2048), decode_tokens: int = 32, repeats: int = 1,
@@ -205,10 +278,7 @@ def measure_speed(model, context_lengths=(128, 512, 2048), decode_tokens: int = 
                 run(min(16, min(context_lengths)))
             for length in context_lengths:
                 times = [run(length) for _ in range(repeats)]
-                pre = sorted(t[0] for t in times)[len(times) // 2]
-                dec = sorted(t[1] for t in times)[len(times) // 2]
-                points.append(SpeedPoint(length, pre, batch_size * length / pre, decode_tokens, dec,
-                                         batch_size * decode_tokens / dec, times[0][2]))
+                points.append(_point(length, batch_size, decode_tokens, times))
     finally:
         model.train(was_training)
     return points

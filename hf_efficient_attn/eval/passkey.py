@@ -37,7 +37,8 @@ from .cost import _cache_kwarg, _output_cache
 from .data import load_text
 from .perplexity import _model_name
 
-__all__ = ["DEFAULT_DEPTHS", "FILLERS", "PasskeyResult", "build_prompt", "format_passkey", "passkey_retrieval"]
+__all__ = ["DEFAULT_DEPTHS", "FILLERS", "PasskeyResult", "build_prompt", "format_passkey", "passkey_keys",
+           "passkey_retrieval"]
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.")
@@ -123,6 +124,13 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, filler: str = "
     return head + body[:cut] + needle + body[cut:] + tail
 
 
+def passkey_keys(lengths, depths, trials: int, seed: int) -> dict[tuple[int, float, int], str]:
+    """The key of every prompt, ``{(length, depth, trial): "48213"}``: 5-digit numbers from ``random.Random(seed)``
+    drawn in the order length, depth, trial, so the lm-eval task ``hfa_passkey`` asks what this module asks."""
+    rng = random.Random(seed)
+    return {(n, d, t): str(rng.randint(10000, 99999)) for n in lengths for d in depths for t in range(trials)}
+
+
 @torch.no_grad()
 def _answer(model, ids: list[int], new_tokens: int) -> tuple[list[int], float | None]:
     """Greedy tokens after one prefill and cached decode steps; the prefill's density when sparse."""
@@ -153,8 +161,7 @@ def passkey_retrieval(model, tokenizer, lengths=(1024, 2048, 4096, 8192), depths
     _check(lengths, depths, trials, new_tokens, filler)
     was_training = model.training
     model.eval()
-    rng = random.Random(seed)
-    keys = {(n, d, t): str(rng.randint(10000, 99999)) for n in lengths for d in depths for t in range(trials)}
+    keys = passkey_keys(lengths, depths, trials, seed)
     units = _filler_units(tokenizer, filler)
     window = getattr(model.config, "max_position_embeddings", None)
     pattern = _sparse.pattern_of(model)

@@ -50,10 +50,11 @@ def _run(model, enc, new_tokens, is_lm):
 
 
 def patch_check(model_or_name, backend="auto", reference_impl="sdpa", new_tokens=32, dtype="float32",
-                json_path=None, tokenizer=None, text=FIXED_TEXT) -> dict:
+                json_path=None, tokenizer=None, text=FIXED_TEXT, device=None) -> dict:
     """Compare ``model`` stock (``reference_impl``) and patched (``backend``) on a fixed text.
 
-    model_or_name: a loaded model (then pass ``tokenizer``) or a name for ``load_model``.
+    model_or_name: a loaded model (then pass ``tokenizer``) or a name for ``load_model`` (loaded on `device`: None
+    is CPU, ``"auto"`` CUDA where available).
     Returns a dict: max_abs_logit_diff, tolerance, greedy_identical, greedy_agree_tokens, times, ok.
     """
     if dtype not in _DTYPES:
@@ -61,7 +62,8 @@ def patch_check(model_or_name, backend="auto", reference_impl="sdpa", new_tokens
     torch_dtype = _DTYPES[dtype]
     if isinstance(model_or_name, str):
         from .models import load_model
-        model, tokenizer = load_model(model_or_name, dtype=torch_dtype, attn_implementation=reference_impl)
+        model, tokenizer = load_model(model_or_name, dtype=torch_dtype, attn_implementation=reference_impl,
+                                      device=device)
         name = model_or_name
     else:
         model, name = model_or_name, getattr(model_or_name.config, "_name_or_path", type(model_or_name).__name__)
