@@ -102,3 +102,21 @@ def test_compiled_triton_backend_matches_eager():
         want = model(input_ids=nxt, attention_mask=mask, past_key_values=copy.deepcopy(first.past_key_values))
         got = compiled(input_ids=nxt, attention_mask=mask, past_key_values=copy.deepcopy(first.past_key_values))
     assert_close_rms(got.logits, want.logits, name="decode step")
+
+
+@pytest.mark.triton_interpret
+def test_compiled_sparse_pattern_on_the_triton_backend_matches_eager():
+    """A block-sparse pattern on backend="triton" compiles whole: the kernel is one graph node (the layout's visit
+    lists go in as tensors), and the result is eager's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = make_model("llama").to(device)
+    ids = torch.randint(3, 97, (2, 40), device=device)
+    hfa.patch(model, backend="triton", sparse=hfa.sparse.streaming(3, 17, block=16))
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch.no_grad():
+        want = outputs(model, input_ids=ids)
+        got = outputs(torch.compile(model, fullgraph=True, backend=counter), input_ids=ids)
+    ops = {str(node.target) for graph in counter.graphs for node in graph.graph.nodes}
+    assert any("hfa.block_sparse" in op for op in ops), sorted(ops)
+    assert_close_rms(got, want, name="compiled vs eager")

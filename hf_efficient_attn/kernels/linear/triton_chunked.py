@@ -38,6 +38,10 @@ last value; everything below is 0 without ``log_decay``):
 
 The decode step (:func:`linear_attention_step_triton`) is one kernel: one program per (D block, batch * KV
 head) updates its slice of the state and reads it with all query heads of the GQA group at once.
+
+``torch.compile``: the forward and backward launchers are the custom ops ``torch.ops.hfa.linear_attention_fwd`` /
+``_bwd`` (the backward registered as the forward's autograd) and the decode step is
+``torch.ops.hfa.linear_attention_step``, so a compiled model records each call as one graph node.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from ..triton_utils import (
     dot_flags,
     inputs_unsupported_reason,
     f32_precision,
+    kernel_op,
     last_dim_contiguous,
     pad_dim,
     record_build,
@@ -678,30 +683,127 @@ def _linear_bwd(do, dst, dzt, q, k, v, log_decay, s0, z0, out, den, *, normalize
     return dq, dk, dv, dld, ds0, dz0
 
 
+def _linear_step(q, k, v, s, z, log_decay, normalize, eps):
+    """(out [B, H, 1, D] in v.dtype, S', z' fp32): one decode token, out of place."""
+    B, H, _, F = q.shape
+    Hkv, D = k.shape[1], v.shape[-1]
+    out = torch.empty(B, H, 1, D, dtype=v.dtype, device=v.device)
+    s_new = torch.empty(B, Hkv, F, D, dtype=torch.float32, device=q.device)
+    z_new = torch.empty(B, Hkv, F, dtype=torch.float32, device=q.device)
+    if B * Hkv * D == 0:
+        return out.zero_(), s_new.copy_(s), z_new.copy_(z)
+    BK, BV = min(64, pad_dim(F)), min(32, pad_dim(D))
+    G = H // Hkv
+    ld = log_decay if log_decay is not None else k
+    _step_kernel[(triton.cdiv(D, BV), B * Hkv)](
+        q, k, v, ld, s, z, out, s_new, z_new,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        s.stride(0), s.stride(1), s.stride(2), z.stride(0), z.stride(1), ld.stride(0), ld.stride(1),
+        Hkv, G, float(eps), F=F, D=D, G_PAD=max(16, triton.next_power_of_2(G)), BK=BK, BV=BV,
+        HAS_DECAY=log_decay is not None, NORMALIZE=normalize, PRECISION=f32_precision(torch.float32),
+    )
+    return out, s_new, z_new
+
+
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# Custom ops and autograd
 # ----------------------------------------------------------------------------------------------
+# torch.ops.hfa.linear_attention_fwd / _bwd: the launchers as custom ops (one torch.compile graph node each), the
+# forward differentiable through the backward op; torch.ops.hfa.linear_attention_step: the decode step (no
+# gradient). A schema returns no None: den without normalize and d log_decay without log_decay are empty [0].
 
-class LinearAttentionFunction(torch.autograd.Function):
-    """(q, k, v, log_decay, S0, z0) -> (out, S_T, z_T); every output is differentiable."""
+_OPTIONS = "Tensor? cu_seqlens, bool normalize, float eps, int chunk_size"
+_OPTION_NAMES = ("cu_seqlens", "normalize", "eps", "chunk_size")
 
-    @staticmethod
-    def forward(ctx, q, k, v, log_decay, s0, z0, options):
-        out, den, st, zt = _linear_fwd(q, k, v, log_decay, s0, z0, **options)
-        ctx.save_for_backward(q, k, v, log_decay, s0, z0, out, den)
-        ctx.options = options
-        ctx.set_materialize_grads(False)
-        return out, st, zt
 
-    @staticmethod
-    def backward(ctx, do, dst, dzt):
-        q, k, v, log_decay, s0, z0, out, den = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros_like(out)
-        dq, dk, dv, dld, ds0, dz0 = _linear_bwd(do, dst, dzt, q, k, v, log_decay, s0, z0, out, den, **ctx.options)
-        ds0 = None if s0 is None else ds0.to(s0.dtype)
-        dz0 = None if z0 is None else dz0.to(z0.dtype)
-        return dq, dk, dv, dld, ds0, dz0, None
+def _kernel_layout(q, k, v, log_decay, s0, z0):
+    """What the kernels' pointer arithmetic assumes (no copies when the public function prepared them)."""
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    return (q, k, v, *(None if t is None else t.contiguous() for t in (log_decay, s0, z0)))
+
+
+def _n_seq(q, cu_seqlens):
+    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+@kernel_op("linear_attention_fwd", "(Tensor q, Tensor k, Tensor v, Tensor? log_decay, Tensor? s0, Tensor? z0, "
+           f"{_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor)")
+def linear_attention_fwd(q, k, v, log_decay, s0, z0, *options):
+    """(out [B, H, T, D], den [B, H, T] fp32 (empty without normalize), S_T, z_T) of :func:`linear_attention_triton`
+    (its checks already done; options in ``_OPTION_NAMES`` order)."""
+    q, k, v, log_decay, s0, z0 = _kernel_layout(q, k, v, log_decay, s0, z0)
+    out, den, st, zt = _linear_fwd(q, k, v, log_decay, s0, z0, **dict(zip(_OPTION_NAMES, options)))
+    return out, (q.new_empty(0, dtype=torch.float32) if den is None else den), st, zt
+
+
+@linear_attention_fwd.register_fake
+def _(q, k, v, log_decay, s0, z0, cu_seqlens, normalize, eps, chunk_size):
+    B, H, T, F = q.shape
+    Hkv, D = k.shape[1], v.shape[-1]
+    n_seq = _n_seq(q, cu_seqlens)
+    den = q.new_empty(B, H, T, dtype=torch.float32) if normalize else q.new_empty(0, dtype=torch.float32)
+    return (v.new_empty(B, H, T, D), den, q.new_empty(n_seq, Hkv, F, D, dtype=torch.float32),
+            q.new_empty(n_seq, Hkv, F, dtype=torch.float32))
+
+
+@kernel_op("linear_attention_bwd", "(Tensor do, Tensor? dst, Tensor? dzt, Tensor q, Tensor k, Tensor v, "
+           "Tensor? log_decay, Tensor? s0, Tensor? z0, Tensor out, Tensor den, "
+           f"{_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def linear_attention_bwd(do, dst, dzt, q, k, v, log_decay, s0, z0, out, den, *options):
+    """(dq, dk, dv, d log_decay (empty without log_decay), dS0, dz0 fp32) for the gradients do of out and dst,
+    dzt (or None) of the final state."""
+    options = dict(zip(_OPTION_NAMES, options))
+    den = den if options["normalize"] else None
+    q, k, v, log_decay, s0, z0 = _kernel_layout(q, k, v, log_decay, s0, z0)
+    dq, dk, dv, dld, ds0, dz0 = _linear_bwd(do, dst, dzt, q, k, v, log_decay, s0, z0, out, den, **options)
+    return dq, dk, dv, (q.new_empty(0, dtype=torch.float32) if dld is None else dld), ds0, dz0
+
+
+@linear_attention_bwd.register_fake
+def _(do, dst, dzt, q, k, v, log_decay, s0, z0, out, den, cu_seqlens, normalize, eps, chunk_size):
+    Hkv, F, D = k.shape[1], k.shape[-1], v.shape[-1]
+    n_seq = _n_seq(q, cu_seqlens)
+    dld = q.new_empty(0, dtype=torch.float32) if log_decay is None else log_decay.new_empty(log_decay.shape)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format), dld,
+            q.new_empty(n_seq, Hkv, F, D, dtype=torch.float32), q.new_empty(n_seq, Hkv, F, dtype=torch.float32))
+
+
+def _setup_linear_context(ctx, inputs, output):
+    q, k, v, log_decay, s0, z0, cu_seqlens, *options = inputs
+    out, den, _, _ = output
+    ctx.mark_non_differentiable(den)
+    ctx.save_for_backward(q, k, v, log_decay, s0, z0, out, den, cu_seqlens)
+    ctx.options = options
+
+
+def _linear_backward(ctx, do, dden, dst, dzt):
+    q, k, v, log_decay, s0, z0, out, den, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv, dld, ds0, dz0 = torch.ops.hfa.linear_attention_bwd(do, dst, dzt, q, k, v, log_decay, s0, z0, out,
+                                                                   den, cu_seqlens, *ctx.options)
+    dld = None if log_decay is None else dld
+    ds0 = None if s0 is None else ds0.to(s0.dtype)
+    dz0 = None if z0 is None else dz0.to(z0.dtype)
+    return (dq, dk, dv, dld, ds0, dz0) + (None,) * len(_OPTION_NAMES)
+
+
+linear_attention_fwd.register_autograd(_linear_backward, setup_context=_setup_linear_context)
+
+
+@kernel_op("linear_attention_step", "(Tensor q, Tensor k, Tensor v, Tensor s, Tensor z, Tensor? log_decay, "
+           "bool normalize, float eps) -> (Tensor, Tensor, Tensor)")
+def linear_attention_step(q, k, v, s, z, log_decay, normalize, eps):
+    """(out [B, H, 1, D], S', z') of :func:`linear_attention_step_triton` (its checks already done)."""
+    return _linear_step(q, k, v, s, z, log_decay, normalize, eps)
+
+
+@linear_attention_step.register_fake
+def _(q, k, v, s, z, log_decay, normalize, eps):
+    B, H, _, F = q.shape
+    Hkv, D = k.shape[1], v.shape[-1]
+    return (v.new_empty(B, H, 1, D), q.new_empty(B, Hkv, F, D, dtype=torch.float32),
+            q.new_empty(B, Hkv, F, dtype=torch.float32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -752,12 +854,8 @@ def linear_attention_triton(q, k, v, *, log_decay=None, normalize=True, eps=1e-6
     s0 = z0 = None
     if initial_state is not None:
         s0, z0 = (t.contiguous() for t in initial_state)
-    options = dict(normalize=bool(normalize), eps=float(eps), cu_seqlens=cu_seqlens, chunk_size=chunk_size)
-    leaves = (q, k, v, log_decay, s0, z0)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves):
-        out, st, zt = LinearAttentionFunction.apply(*leaves, options)
-    else:
-        out, _, st, zt = _linear_fwd(*leaves, **options)
+    out, _, st, zt = linear_attention_fwd(q, k, v, log_decay, s0, z0, cu_seqlens, bool(normalize), float(eps),
+                                          chunk_size)
     return (out, (st, zt)) if return_state else out
 
 
@@ -775,25 +873,11 @@ def linear_attention_step_triton(q, k, v, state, *, log_decay=None, normalize=Tr
         raise ValueError(f"linear_attention_step_triton takes one token per sequence, got {q.shape[2]}; use "
                          "linear_attention_triton with initial_state for several")
     _check_supported(q, k, v, log_decay, state, None, "linear_attention_step_triton")
-    B, H, _, F = q.shape
-    Hkv, D = k.shape[1], v.shape[-1]
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     s, z = state
     s = s if s.stride(-1) == 1 else s.contiguous()
     z = z if z.stride(-1) == 1 else z.contiguous()
-    out = torch.empty(B, H, 1, D, dtype=v.dtype, device=v.device)
-    s_new = torch.empty(B, Hkv, F, D, dtype=torch.float32, device=q.device)
-    z_new = torch.empty(B, Hkv, F, dtype=torch.float32, device=q.device)
-    if B * Hkv * D == 0:
-        return out.zero_(), (s_new.copy_(s), z_new.copy_(z))
-    BK, BV = min(64, pad_dim(F)), min(32, pad_dim(D))
-    G = H // Hkv
-    ld = log_decay if log_decay is not None else k
-    _step_kernel[(triton.cdiv(D, BV), B * Hkv)](
-        q, k, v, ld, s, z, out, s_new, z_new,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        s.stride(0), s.stride(1), s.stride(2), z.stride(0), z.stride(1), ld.stride(0), ld.stride(1),
-        Hkv, G, float(eps), F=F, D=D, G_PAD=max(16, triton.next_power_of_2(G)), BK=BK, BV=BV,
-        HAS_DECAY=log_decay is not None, NORMALIZE=bool(normalize), PRECISION=f32_precision(torch.float32),
-    )
+    # detached: the step is not differentiable (its result never required grad)
+    out, s_new, z_new = linear_attention_step(*(None if t is None else t.detach() for t in (q, k, v, s, z, log_decay)),
+                                              bool(normalize), float(eps))
     return out, (s_new, z_new)

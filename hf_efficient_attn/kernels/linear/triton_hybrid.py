@@ -40,6 +40,8 @@ How it works (C = BLOCK_N keys per chunk, BLOCK_M query rows per block):
   tensor cores with fp32 accumulators and fp32 states, fp32 inputs exact fp32 dots
   (``input_precision="ieee"``). Under ``TRITON_INTERPRET=1`` (CPU, tests) low-precision tiles go through
   fp32 before ``tl.dot``.
+* ``torch.compile``: the forward and backward launchers are the custom ops ``torch.ops.hfa.hybrid_attention_fwd``
+  / ``_bwd`` (the backward registered as the forward's autograd): one graph node per call.
 * not yet measured on a GPU: the default tiles (64 x 64 for fp16/bf16, 32 x 32 for fp32; 8 warps when a dim
   exceeds 64) are untuned; the forward, dq and dk/dv programs load a whole fp32 state tile ``[F, D]``, heavy in
   registers for F, D >= 128; a key chunk computes both ``exp`` and ``fq.fk`` for all its keys, even where every
@@ -57,6 +59,7 @@ from ..triton_utils import (
     dot_flags,
     inputs_unsupported_reason,
     interpreting,
+    kernel_op,
     last_dim_contiguous,
     pad_dim,
     record_build,
@@ -599,7 +602,8 @@ def _hybrid_fwd(c, q, k, v, fq, fk, gate, s0, z0):
 
 
 def _hybrid_bwd(c, do, dsf, dzf, q, k, v, fq, fk, gate, s0, z0, out, m2, amax, zden):
-    """Gradients (dq, dk, dv, dfq, dfk, dgate, dS0, dz0) of the forward's (out, S_final, z_final)."""
+    """Gradients (dq, dk, dv, dfq, dfk, dgate, dS0, dz0) of the forward's (out, S_final, z_final); dS0, dz0 [n_seq,
+    Hkv, F(, D)] fp32 even without an initial state."""
     dev = q.device
     do = last_dim_contiguous(do.to(out.dtype))
     hs, zs = _states(c, fk, v, s0, z0)  # recomputed: cheaper to keep than T/C full states per layer
@@ -635,32 +639,85 @@ def _hybrid_bwd(c, do, dsf, dzf, q, k, v, fq, fk, gate, s0, z0, out, m2, amax, z
             c.H, c.G, c.Sq, c.T, c.W, c.nq1, c.scale * LOG2E, c.scale, **c.dims, HAS_DSTATE=has_dstate,
             **c.flags, BLOCK_M=c.bm, BLOCK_N=c.bn, num_warps=c.num_warps)
     dgate = r.sum(dim=(0, 2)) if c.max_q else torch.zeros(c.H, dtype=torch.float32, device=dev)
-    ds0 = dz0 = None
-    if s0 is not None:  # no cu_seqlens here, so sequences are batch rows
-        ds0, dz0 = dhs[:, :, 0].clone(), dzs[:, :, 0].clone()
-        if has_dstate:
-            ds0, dz0 = ds0 + dsf, dz0 + dzf
+    ds0, dz0 = dhs[:, :, 0].clone(), dzs[:, :, 0].clone()  # what an initial state S0, z0 would get
+    if has_dstate:
+        ds0, dz0 = ds0 + dsf, dz0 + dzf
     return dq, dk, dv, dfq, dfk, dgate, ds0, dz0
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# Custom ops and autograd
 # ----------------------------------------------------------------------------------------------
+# torch.ops.hfa.hybrid_attention_fwd / _bwd: the launchers as custom ops (one torch.compile graph node each), the
+# forward differentiable through the backward op. The row statistics (m2, amax, Z) are outputs for the backward,
+# not differentiable.
 
-class HybridAttentionFunction(torch.autograd.Function):
-    """(q, k, v, fq, fk, gate [H] fp32, S0, z0) -> (out, S_final, z_final); all differentiable."""
+_OPTIONS = ("Tensor? key_padding_mask, Tensor? cu_seqlens, int window, float scale, float eps, int? max_seqlen, "
+            "int block_m, int block_n, int num_warps")
+_OPTION_NAMES = ("key_padding_mask", "cu_seqlens", "window", "scale", "eps", "max_seqlen", "block_m", "block_n",
+                 "num_warps")
 
-    @staticmethod
-    def forward(ctx, q, k, v, fq, fk, gate, s0, z0, call):
-        out, m2, amax, zden, sf, zf = _hybrid_fwd(call, q, k, v, fq, fk, gate, s0, z0)
-        ctx.save_for_backward(q, k, v, fq, fk, gate, s0, z0, out, m2, amax, zden)
-        ctx.call = call
-        return out, sf, zf
 
-    @staticmethod
-    def backward(ctx, do, dsf, dzf):
-        grads = _hybrid_bwd(ctx.call, do, dsf, dzf, *ctx.saved_tensors)
-        return (*grads, None)
+def _call(q, k, v, fq, fk, options):
+    return _Call(q, k, v, fq, fk, **dict(zip(_OPTION_NAMES, options)))
+
+
+def _fake_states(q, k, v, fq, cu_seqlens):
+    n_seq = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    Hkv, F, D = k.shape[1], fq.shape[-1], v.shape[-1]
+    return q.new_empty(n_seq, Hkv, F, D, dtype=torch.float32), q.new_empty(n_seq, Hkv, F, dtype=torch.float32)
+
+
+@kernel_op("hybrid_attention_fwd", "(Tensor q, Tensor k, Tensor v, Tensor fq, Tensor fk, Tensor gate, Tensor? s0, "
+           f"Tensor? z0, {_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def hybrid_attention_fwd(q, k, v, fq, fk, gate, s0, z0, *options):
+    """(out, m2, amax, Z, S_final, z_final) of :func:`hybrid_attention_triton` (its checks already done; options in
+    ``_OPTION_NAMES`` order, block sizes resolved)."""
+    q, k, v, fq, fk = (last_dim_contiguous(t) for t in (q, k, v, fq, fk))
+    return _hybrid_fwd(_call(q, k, v, fq, fk, options), q, k, v, fq, fk, gate, s0, z0)
+
+
+@hybrid_attention_fwd.register_fake
+def _(q, k, v, fq, fk, gate, s0, z0, key_padding_mask, cu_seqlens, *options):
+    B, H, Sq, _ = q.shape
+    stats = [q.new_empty(B, H, Sq, dtype=dtype) for dtype in (torch.float32, torch.int32, torch.float32)]
+    return (v.new_empty(B, H, Sq, v.shape[-1]), *stats, *_fake_states(q, k, v, fq, cu_seqlens))
+
+
+@kernel_op("hybrid_attention_bwd", "(Tensor do, Tensor? dsf, Tensor? dzf, Tensor q, Tensor k, Tensor v, Tensor fq, "
+           "Tensor fk, Tensor gate, Tensor? s0, Tensor? z0, Tensor out, Tensor m2, Tensor amax, Tensor zden, "
+           f"{_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def hybrid_attention_bwd(do, dsf, dzf, q, k, v, fq, fk, gate, s0, z0, out, m2, amax, zden, *options):
+    """(dq, dk, dv, dfq, dfk, dgate [H] fp32, dS0, dz0) for the gradients do of out and dsf, dzf (or None) of the
+    final state."""
+    q, k, v, fq, fk = (last_dim_contiguous(t) for t in (q, k, v, fq, fk))
+    return _hybrid_bwd(_call(q, k, v, fq, fk, options), do, dsf, dzf, q, k, v, fq, fk, gate, s0, z0, out, m2, amax,
+                       zden)
+
+
+@hybrid_attention_bwd.register_fake
+def _(do, dsf, dzf, q, k, v, fq, fk, gate, s0, z0, out, m2, amax, zden, key_padding_mask, cu_seqlens, *options):
+    grads = [torch.empty_like(t) for t in (q, k, v, fq, fk)]
+    return (*grads, q.new_empty(q.shape[1], dtype=torch.float32), *_fake_states(q, k, v, fq, cu_seqlens))
+
+
+def _setup_hybrid_context(ctx, inputs, output):
+    q, k, v, fq, fk, gate, s0, z0, key_padding_mask, cu_seqlens, *options = inputs
+    out, m2, amax, zden, _, _ = output
+    ctx.mark_non_differentiable(m2, amax, zden)
+    ctx.save_for_backward(q, k, v, fq, fk, gate, s0, z0, out, m2, amax, zden, key_padding_mask, cu_seqlens)
+    ctx.options = options
+
+
+def _hybrid_backward(ctx, do, dm2, damax, dzden, dsf, dzf):
+    q, k, v, fq, fk, gate, s0, z0, out, m2, amax, zden, kpm, cu = ctx.saved_tensors
+    *grads, ds0, dz0 = torch.ops.hfa.hybrid_attention_bwd(do, dsf, dzf, q, k, v, fq, fk, gate, s0, z0, out, m2, amax,
+                                                          zden, kpm, cu, *ctx.options)
+    ds0, dz0 = (None, None) if s0 is None else (ds0, dz0)
+    return (*grads, ds0, dz0) + (None,) * len(_OPTION_NAMES)
+
+
+hybrid_attention_fwd.register_autograd(_hybrid_backward, setup_context=_setup_hybrid_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -699,12 +756,8 @@ def hybrid_attention_triton(q, k, v, fq, fk, *, window, window_factor=1.0, scale
     if initial_state is not None:
         s0, z0 = (x.float().contiguous() for x in initial_state)
     q, k, v, fq, fk = (last_dim_contiguous(t) for t in (q, k, v, fq, fk))
-    call = _Call(q, k, v, fq, fk, window=window, scale=scale, eps=eps, key_padding_mask=key_padding_mask,
-                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, block_m=block_m, block_n=block_n,
-                 num_warps=num_warps)
-    leaves = (q, k, v, fq, fk, gate, s0, z0)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves):
-        out, sf, zf = HybridAttentionFunction.apply(*leaves, call)
-    else:
-        out, _, _, _, sf, zf = _hybrid_fwd(call, *leaves)
+    block_m, block_n, num_warps = _blocks(block_m, block_n, num_warps, (q.shape[-1], F, D), q.dtype)
+    out, _, _, _, sf, zf = hybrid_attention_fwd(
+        q, k, v, fq, fk, gate, s0, z0, key_padding_mask, cu_seqlens, int(window), float(scale), float(eps),
+        None if max_seqlen is None else int(max_seqlen), block_m, block_n, num_warps)
     return (out, (sf, zf)) if return_state else out

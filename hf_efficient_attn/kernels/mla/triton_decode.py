@@ -11,7 +11,8 @@ How it works:
 * the cache is cut into ``num_splits`` contiguous ranges, one program each (grid: split x batch), and
   each writes its normalised partial latent output and its partial log-sum-exp (base 2) in fp32;
 * the shared merge (``triton_utils.jit.merge_splits``) combines the splits per (batch, head) with a
-  log-sum-exp weighting.
+  log-sum-exp weighting;
+* ``torch.compile``: the launchers are the custom op ``torch.ops.hfa.mla_decode_fwd`` (one graph node, no autograd).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..triton_utils import (
     LOG2E,
     auto_num_splits,
     dot_flags,
+    kernel_op,
     key_padding_arg,
     last_dim_contiguous,
     pad_dim,
@@ -112,32 +114,10 @@ def _mla_split_kernel(QL, QR, C, KR, KPM, O_PART, LSE_PART,
     tl.store(LSE_PART + i_b * s_lpb + offs_h * s_lph + i_s, b_lse2, mask=m_h)
 
 
-def mla_decode(q_lat, q_rope, latent, k_rope, *, scale: float, key_padding_mask=None, num_splits=None,
-               block_n: int | None = None):
-    """MLA decode over a latent cache with split-KV and a log-sum-exp merge. Forward only.
-
-    q_lat: (B, H, 1, r) (no-RoPE queries already mapped into the latent space, see ``absorb_query``),
-    q_rope: (B, H, 1, d_r), latent: (B, Sk, r), k_rope: (B, Sk, d_r) (rotated); one dtype among
-    fp16/bf16/fp32, on CUDA (or on CPU with TRITON_INTERPRET=1); r, d_r <= 1024, H <= 128.
-    key_padding_mask: optional bool (B, Sk), True = a real token. `scale` multiplies the scores.
-    num_splits: how many cache ranges run in parallel (default: from the length and the SM count).
-
-    Returns (out_lat (B, H, 1, r) in q_lat.dtype, lse (B, H, 1) fp32, natural log).
-    """
-    check_latent_inputs(q_lat, q_rope, latent, k_rope, key_padding_mask=key_padding_mask)
-    B, H, Sq, R = q_lat.shape
+def _mla_decode(q_lat, q_rope, latent, k_rope, key_padding_mask, scale, num_splits, block_n):
+    """(out_lat (B, H, 1, r), lse (B, H, 1) fp32): the launchers of :func:`mla_decode`, its checks done."""
+    B, H, _, R = q_lat.shape
     Sk, DR = latent.shape[1], k_rope.shape[-1]
-    if Sq != 1:
-        raise ValueError(f"mla_decode serves one new token per sequence, got Sq={Sq}: use the reference "
-                         "(latent_attention_reference) for prefill or chunks")
-    dtypes = {t.dtype for t in (q_lat, q_rope, latent, k_rope)}
-    if len(dtypes) != 1 or q_lat.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"mla_decode needs all inputs in one dtype among float16/bfloat16/float32, got {dtypes}")
-    if max(R, DR) > MAX_LATENT_DIM or H > 128:
-        raise ValueError(f"r={R}, d_r={DR}, H={H}: mla_decode supports r, d_r <= {MAX_LATENT_DIM} and H <= 128")
-    if num_splits is not None and num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    q_lat, q_rope, latent, k_rope = (last_dim_contiguous(t) for t in (q_lat, q_rope, latent, k_rope))
     out = torch.empty(B, H, 1, R, dtype=q_lat.dtype, device=q_lat.device)
     lse = torch.empty(B, H, 1, dtype=torch.float32, device=q_lat.device)
     if B == 0 or H == 0:
@@ -163,3 +143,56 @@ def mla_decode(q_lat, q_rope, latent, k_rope, *, scale: float, key_padding_mask=
     # -- merge the splits, one program per (batch * head): the partial results as one token of [B, H, 1, splits, r]
     merge_splits(o_part[:, :, None], lse_part[:, :, None], out, lse)
     return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom op
+# ----------------------------------------------------------------------------------------------
+# torch.ops.hfa.mla_decode_fwd: the launchers as a custom op (one torch.compile graph node). No autograd: decode
+# is inference, and mla_decode detaches its inputs (its result never required grad).
+
+@kernel_op("mla_decode_fwd", "(Tensor q_lat, Tensor q_rope, Tensor latent, Tensor k_rope, Tensor? key_padding_mask, "
+           "float scale, int? num_splits, int? block_n) -> (Tensor, Tensor)")
+def mla_decode_fwd(q_lat, q_rope, latent, k_rope, key_padding_mask, scale, num_splits, block_n):
+    """(out_lat, lse) of :func:`mla_decode` (its checks already done)."""
+    q_lat, q_rope, latent, k_rope = (last_dim_contiguous(t) for t in (q_lat, q_rope, latent, k_rope))
+    return _mla_decode(q_lat, q_rope, latent, k_rope, key_padding_mask, scale, num_splits, block_n)
+
+
+@mla_decode_fwd.register_fake
+def _(q_lat, q_rope, latent, k_rope, key_padding_mask, scale, num_splits, block_n):
+    B, H, _, R = q_lat.shape
+    return q_lat.new_empty(B, H, 1, R), q_lat.new_empty(B, H, 1, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+
+def mla_decode(q_lat, q_rope, latent, k_rope, *, scale: float, key_padding_mask=None, num_splits=None,
+               block_n: int | None = None):
+    """MLA decode over a latent cache with split-KV and a log-sum-exp merge. Forward only.
+
+    q_lat: (B, H, 1, r) (no-RoPE queries already mapped into the latent space, see ``absorb_query``),
+    q_rope: (B, H, 1, d_r), latent: (B, Sk, r), k_rope: (B, Sk, d_r) (rotated); one dtype among
+    fp16/bf16/fp32, on CUDA (or on CPU with TRITON_INTERPRET=1); r, d_r <= 1024, H <= 128.
+    key_padding_mask: optional bool (B, Sk), True = a real token. `scale` multiplies the scores.
+    num_splits: how many cache ranges run in parallel (default: from the length and the SM count).
+
+    Returns (out_lat (B, H, 1, r) in q_lat.dtype, lse (B, H, 1) fp32, natural log).
+    """
+    check_latent_inputs(q_lat, q_rope, latent, k_rope, key_padding_mask=key_padding_mask)
+    B, H, Sq, R = q_lat.shape
+    DR = k_rope.shape[-1]
+    if Sq != 1:
+        raise ValueError(f"mla_decode serves one new token per sequence, got Sq={Sq}: use the reference "
+                         "(latent_attention_reference) for prefill or chunks")
+    dtypes = {t.dtype for t in (q_lat, q_rope, latent, k_rope)}
+    if len(dtypes) != 1 or q_lat.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"mla_decode needs all inputs in one dtype among float16/bfloat16/float32, got {dtypes}")
+    if max(R, DR) > MAX_LATENT_DIM or H > 128:
+        raise ValueError(f"r={R}, d_r={DR}, H={H}: mla_decode supports r, d_r <= {MAX_LATENT_DIM} and H <= 128")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    q_lat, q_rope, latent, k_rope = (t.detach() for t in (q_lat, q_rope, latent, k_rope))
+    return mla_decode_fwd(q_lat, q_rope, latent, k_rope, key_padding_mask, float(scale), num_splits, block_n)

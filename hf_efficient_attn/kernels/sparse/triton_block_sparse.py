@@ -25,6 +25,9 @@ How it works:
   indices counted from each sequence's start;
 * fp16/bf16 use tensor cores, fp32 exact fp32 dots; under ``TRITON_INTERPRET=1`` 16-bit tiles go through fp32
   (``triton_utils.dot_flags``). Tiles are fixed per head dim (no autotuning yet: untimed until a GPU run).
+* ``torch.compile``: the launchers are the custom ops ``torch.ops.hfa.block_sparse_attention_fwd`` / ``_bwd`` (the
+  backward registered as the forward's autograd) and ``torch.ops.hfa.block_sparse_decode_fwd``; they take the
+  layout's visit lists as tensors, so a compiled model records each call as one graph node.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from ..triton_utils import (
     cu_seqlens_arg,
     dot_flags,
     inputs_unsupported_reason,
+    kernel_op,
     key_padding_arg,
     last_dim_contiguous,
     max_seqlen,
@@ -411,19 +415,20 @@ def _strides3(t):
     return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(3))
 
 
-def _launch_common(q, v, layout, key_padding_mask, cu_seqlens_q, window, causal):
+def _launch_common(q, v, block_n, key_padding_mask, cu_seqlens_q, window, causal):
     """(key padding arg, its batch stride, number of sequences, the constexprs every kernel shares)."""
     upcast, precision = dot_flags(q.dtype)
     kpm, s_mb = key_padding_arg(key_padding_mask)
     n_seq = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
     consts = dict(D=q.shape[3], DV=v.shape[3], D_PAD=pad_dim(q.shape[3]), DV_PAD=pad_dim(v.shape[3]),
                   CAUSAL=bool(causal), HAS_WINDOW=window is not None, UPCAST=upcast, PRECISION=precision,
-                  BLOCK_N=layout.block_n)
+                  BLOCK_N=block_n)
     return kpm, s_mb, n_seq, consts
 
 
-def _fwd(q, k, v, layout, *, scale, causal, window, key_padding_mask, sink_tokens, cu_seqlens_q, cu_seqlens_k,
-         max_seqlen_q, max_seqlen_k):
+def _fwd(q, k, v, ent, cnt, *, block_m, block_n, scale, causal, window, key_padding_mask, sink_tokens, cu_seqlens_q,
+         cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """(out, lse) over the visit lists (ent, cnt) = ``layout.visits(sink_tokens)``."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
@@ -432,11 +437,10 @@ def _fwd(q, k, v, layout, *, scale, causal, window, key_padding_mask, sink_token
     if out.numel() == 0 or lse.numel() == 0:
         return out.zero_(), lse.fill_(-math.inf)
     cu_q, cu_k = cu_seqlens_arg(cu_seqlens_q), cu_seqlens_arg(cu_seqlens_k)
-    kpm, s_mb, n_seq, consts = _launch_common(q, v, layout, key_padding_mask, cu_q, window, causal)
-    ent, cnt = layout.visits(sink_tokens)
-    BQ = layout.block_m
-    BLOCK_M, warps, stages = _row_tile(G * BQ, layout.block_n, consts["D_PAD"], q.dtype == torch.float32)
-    grid = (layout.n_q_blocks, n_seq * Hkv, triton.cdiv(G * BQ, BLOCK_M))
+    kpm, s_mb, n_seq, consts = _launch_common(q, v, block_n, key_padding_mask, cu_q, window, causal)
+    BQ = block_m
+    BLOCK_M, warps, stages = _row_tile(G * BQ, block_n, consts["D_PAD"], q.dtype == torch.float32)
+    grid = (ent.shape[2], n_seq * Hkv, triton.cdiv(G * BQ, BLOCK_M))  # one program per query block (and tile)
     _fwd_kernel[grid](
         q, k, v, out, lse, kpm, cu_q, cu_k, ent, cnt,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -448,8 +452,9 @@ def _fwd(q, k, v, layout, *, scale, causal, window, key_padding_mask, sink_token
     return out, lse
 
 
-def _decode(q, k, v, layout, *, scale, causal, window, key_padding_mask, sink_tokens, cu_seqlens_q, cu_seqlens_k,
-            max_seqlen_q, max_seqlen_k, num_splits):
+def _decode(q, k, v, ent, cnt, *, block_m, block_n, scale, causal, window, key_padding_mask, sink_tokens,
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_splits):
+    """(out, lse) of the split-KV decode over the visit lists (ent, cnt) of one query block."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
@@ -458,13 +463,12 @@ def _decode(q, k, v, layout, *, scale, causal, window, key_padding_mask, sink_to
     if out.numel() == 0 or lse.numel() == 0:
         return out.zero_(), lse.fill_(-math.inf)
     cu_q, cu_k = cu_seqlens_arg(cu_seqlens_q), cu_seqlens_arg(cu_seqlens_k)
-    kpm, s_mb, n_seq, consts = _launch_common(q, v, layout, key_padding_mask, cu_q, window, causal)
-    ent, cnt = layout.visits(sink_tokens)
+    kpm, s_mb, n_seq, consts = _launch_common(q, v, block_n, key_padding_mask, cu_q, window, causal)
     rows = G * max_seqlen_q
-    BLOCK_M, warps, stages = _row_tile(rows, layout.block_n, consts["D_PAD"], q.dtype == torch.float32)
+    BLOCK_M, warps, stages = _row_tile(rows, block_n, consts["D_PAD"], q.dtype == torch.float32)
     m_tiles = triton.cdiv(rows, BLOCK_M)
     if num_splits is None:
-        num_splits = auto_num_splits(n_seq * Hkv * m_tiles, int(cnt.max()) * layout.block_n, q.device)
+        num_splits = auto_num_splits(n_seq * Hkv * m_tiles, int(cnt.max()) * block_n, q.device)
     o_part = _empty(B, Hq, Sq, num_splits, Dv, dtype=torch.float32, device=q.device)
     lse_part = _empty(B, Hq, Sq, num_splits, dtype=torch.float32, device=q.device)
     # -- one program per (split, sequence * KV head, row tile), then the log-sum-exp merge
@@ -483,8 +487,9 @@ def _decode(q, k, v, layout, *, scale, causal, window, key_padding_mask, sink_to
     return out, lse
 
 
-def _bwd(do, dlse, q, k, v, out, lse, layout, *, scale, causal, window, key_padding_mask, sink_tokens,
-         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+def _bwd(do, dlse, q, k, v, out, lse, ent, cnt, ent_t, cnt_t, *, block_m, block_n, scale, causal, window,
+         key_padding_mask, sink_tokens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """(dq, dk, dv) over the visit lists (ent, cnt) and their transposes (ent_t, cnt_t, per KV block)."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = Hq // Hkv
@@ -500,14 +505,13 @@ def _bwd(do, dlse, q, k, v, out, lse, layout, *, scale, causal, window, key_padd
         delta = delta - dlse.float()
     delta = delta.contiguous()
     cu_q, cu_k = cu_seqlens_arg(cu_seqlens_q), cu_seqlens_arg(cu_seqlens_k)
-    kpm, s_mb, n_seq, consts = _launch_common(q, v, layout, key_padding_mask, cu_q, window, causal)
-    BQ, fp32 = layout.block_m, q.dtype == torch.float32
+    kpm, s_mb, n_seq, consts = _launch_common(q, v, block_n, key_padding_mask, cu_q, window, causal)
+    BQ, fp32 = block_m, q.dtype == torch.float32
     strides_qkvdo = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                      v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     # -- dK, dV: one program per (KV block, sequence * KV head), over the query blocks that visit it
-    ent_t, cnt_t = layout.visits(sink_tokens, transpose=True)
-    BLOCK_M, warps, stages = _row_tile(G * BQ, layout.block_n, consts["D_PAD"], fp32, bwd=True)
-    _bwd_dkdv_kernel[(layout.n_kv_blocks, n_seq * Hkv)](
+    BLOCK_M, warps, stages = _row_tile(G * BQ, block_n, consts["D_PAD"], fp32, bwd=True)
+    _bwd_dkdv_kernel[(ent_t.shape[2], n_seq * Hkv)](
         q, k, v, do, lse, delta, dk, dv, kpm, cu_q, cu_k, ent_t, cnt_t, *strides_qkvdo,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         lse.stride(0), lse.stride(1), s_mb, *_strides3(ent_t), *_strides3(cnt_t),
@@ -515,9 +519,8 @@ def _bwd(do, dlse, q, k, v, out, lse, layout, *, scale, causal, window, key_padd
         BLOCK_M=BLOCK_M, num_warps=warps, num_stages=stages, **consts,
     )
     # -- dQ: one program per (query block, sequence * KV head, row tile)
-    ent, cnt = layout.visits(sink_tokens)
-    BLOCK_M, warps, stages = _row_tile(G * BQ, layout.block_n, consts["D_PAD"], fp32)
-    _bwd_dq_kernel[(layout.n_q_blocks, n_seq * Hkv, triton.cdiv(G * BQ, BLOCK_M))](
+    BLOCK_M, warps, stages = _row_tile(G * BQ, block_n, consts["D_PAD"], fp32)
+    _bwd_dq_kernel[(ent.shape[2], n_seq * Hkv, triton.cdiv(G * BQ, BLOCK_M))](
         q, k, v, do, lse, delta, dq, kpm, cu_q, cu_k, ent, cnt, *strides_qkvdo,
         dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1), s_mb,
         *_strides3(ent), *_strides3(cnt),
@@ -528,24 +531,88 @@ def _bwd(do, dlse, q, k, v, out, lse, layout, *, scale, causal, window, key_padd
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# Custom ops and autograd
 # ----------------------------------------------------------------------------------------------
+# torch.ops.hfa.block_sparse_attention_fwd / _bwd and block_sparse_decode_fwd: the launchers as custom ops (one
+# torch.compile graph node each), the forward differentiable through the backward op. A schema takes no
+# BlockLayout: the public functions unpack it into its visit lists (entries, counts; the transposed ones for the
+# backward, None when no gradient is needed) and its block sizes.
 
-class BlockSparseAttentionFunction(torch.autograd.Function):
-    """(q, k, v) -> (out, lse) over a layout; both outputs are differentiable."""
+_OPTIONS = ("Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int block_m, int block_n, "
+            "float scale, bool causal, int? window, int sink_tokens, int max_seqlen_q, int max_seqlen_k")
+_OPTION_NAMES = ("key_padding_mask", "cu_seqlens_q", "cu_seqlens_k", "block_m", "block_n", "scale", "causal",
+                 "window", "sink_tokens", "max_seqlen_q", "max_seqlen_k")
 
-    @staticmethod
-    def forward(ctx, q, k, v, layout, options):
-        out, lse = _fwd(q, k, v, layout, **options)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.layout, ctx.options = layout, options
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _bwd(do, dlse, q, k, v, out, lse, ctx.layout, **ctx.options)
-        return dq, dk, dv, None, None
+def _fake_outputs(q, v):
+    B, Hq, Sq, _ = q.shape
+    return q.new_empty(B, Sq, Hq, v.shape[3]).transpose(1, 2), q.new_empty(B, Hq, Sq, dtype=torch.float32)
+
+
+@kernel_op("block_sparse_attention_fwd", "(Tensor q, Tensor k, Tensor v, Tensor entries, Tensor counts, "
+           f"Tensor? entries_t, Tensor? counts_t, {_OPTIONS}) -> (Tensor, Tensor)")
+def block_sparse_attention_fwd(q, k, v, entries, counts, entries_t, counts_t, *options):
+    """(out, lse) of :func:`block_sparse_attention` (its checks already done; options in ``_OPTION_NAMES``
+    order). entries_t / counts_t (``layout.visits(sink_tokens, transpose=True)``) are for the backward only."""
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    return _fwd(q, k, v, entries, counts, **dict(zip(_OPTION_NAMES, options)))
+
+
+@block_sparse_attention_fwd.register_fake
+def _(q, k, v, entries, counts, entries_t, counts_t, *options):
+    return _fake_outputs(q, v)
+
+
+@kernel_op("block_sparse_attention_bwd", "(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
+           "Tensor lse, Tensor entries, Tensor counts, Tensor entries_t, Tensor counts_t, "
+           f"{_OPTIONS}) -> (Tensor, Tensor, Tensor)")
+def block_sparse_attention_bwd(do, dlse, q, k, v, out, lse, entries, counts, entries_t, counts_t, *options):
+    """(dq, dk, dv) of the forward that gave (out, lse)."""
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    return _bwd(do, dlse, q, k, v, out, lse, entries, counts, entries_t, counts_t,
+                **dict(zip(_OPTION_NAMES, options)))
+
+
+@block_sparse_attention_bwd.register_fake
+def _(do, dlse, q, k, v, out, lse, entries, counts, entries_t, counts_t, *options):
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    return (q.new_empty(B, Sq, Hq, D).transpose(1, 2), k.new_empty(B, Skv, Hkv, D).transpose(1, 2),
+            v.new_empty(B, Skv, Hkv, Dv).transpose(1, 2))
+
+
+def _setup_block_sparse_context(ctx, inputs, output):
+    q, k, v, entries, counts, entries_t, counts_t, *options = inputs
+    if entries_t is None or counts_t is None:
+        raise ValueError("block_sparse_attention_fwd needs entries_t / counts_t (layout.visits(sink_tokens, "
+                         "transpose=True)) when a gradient is needed")
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, entries, counts, entries_t, counts_t, *options[:3])
+    ctx.options = options[3:]
+
+
+def _block_sparse_backward(ctx, do, dlse):
+    q, k, v, out, lse, *lists_and_tensor_options = ctx.saved_tensors
+    dq, dk, dv = torch.ops.hfa.block_sparse_attention_bwd(do, dlse, q, k, v, out, lse, *lists_and_tensor_options,
+                                                          *ctx.options)
+    return (dq, dk, dv) + (None,) * (4 + len(_OPTION_NAMES))
+
+
+block_sparse_attention_fwd.register_autograd(_block_sparse_backward, setup_context=_setup_block_sparse_context)
+
+
+@kernel_op("block_sparse_decode_fwd", "(Tensor q, Tensor k, Tensor v, Tensor entries, Tensor counts, "
+           f"{_OPTIONS}, int? num_splits) -> (Tensor, Tensor)")
+def block_sparse_decode_fwd(q, k, v, entries, counts, *options):
+    """(out, lse) of :func:`block_sparse_decode` (its checks already done; options in ``_OPTION_NAMES`` order,
+    then num_splits). No autograd: decode is forward-only (the public functions never call it with gradients)."""
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    return _decode(q, k, v, entries, counts, **dict(zip((*_OPTION_NAMES, "num_splits"), options)))
+
+
+@block_sparse_decode_fwd.register_fake
+def _(q, k, v, entries, counts, *options):
+    return _fake_outputs(q, v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,11 +650,13 @@ def _prepare(name, q, k, v, layout, scale, causal, window, key_padding_mask, sin
     else:
         max_seqlen_q = max_seqlen(cu_seqlens_q) if max_seqlen_q is None else max_seqlen_q
         max_seqlen_k = max_seqlen(cu_seqlens_k) if max_seqlen_k is None else max_seqlen_k
-    options = dict(scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale), causal=bool(causal),
+    layout = layout.to(q.device)
+    options = dict(block_m=layout.block_m, block_n=layout.block_n,
+                   scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale), causal=bool(causal),
                    window=None if window is None else int(window), key_padding_mask=key_padding_mask,
                    sink_tokens=int(sink_tokens), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                    max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k))
-    return q, k, v, layout.to(q.device), options
+    return q, k, v, layout, [options[name] for name in _OPTION_NAMES]
 
 
 def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None, causal=False, window=None,
@@ -609,11 +678,14 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, *, scale=None, causal=F
     q, k, v, layout, options = _prepare("block_sparse_attention", q, k, v, layout, scale, causal, window,
                                         key_padding_mask, sink_tokens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k)
+    sink_tokens = int(sink_tokens)
+    entries, counts = layout.visits(sink_tokens)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return BlockSparseAttentionFunction.apply(q, k, v, layout, options)
-    if options["max_seqlen_q"] <= MAX_DECODE_Q_LEN and layout.n_q_blocks == 1:
-        return _decode(q, k, v, layout, num_splits=None, **options)
-    return _fwd(q, k, v, layout, **options)
+        entries_t, counts_t = layout.visits(sink_tokens, transpose=True)
+        return block_sparse_attention_fwd(q, k, v, entries, counts, entries_t, counts_t, *options)
+    if options[_OPTION_NAMES.index("max_seqlen_q")] <= MAX_DECODE_Q_LEN and layout.n_q_blocks == 1:
+        return block_sparse_decode_fwd(q, k, v, entries, counts, *options, None)
+    return block_sparse_attention_fwd(q, k, v, entries, counts, None, None, *options)
 
 
 def block_sparse_decode(q, k, v, layout: BlockLayout, *, scale=None, causal=False, window=None,
@@ -630,9 +702,11 @@ def block_sparse_decode(q, k, v, layout: BlockLayout, *, scale=None, causal=Fals
                                         max_seqlen_k)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise ValueError("block_sparse_decode is forward-only; use block_sparse_attention when gradients are needed")
-    if options["max_seqlen_q"] > MAX_DECODE_Q_LEN or layout.n_q_blocks != 1:
+    q_len = options[_OPTION_NAMES.index("max_seqlen_q")]
+    if q_len > MAX_DECODE_Q_LEN or layout.n_q_blocks != 1:
         raise ValueError(f"block_sparse_decode serves up to {MAX_DECODE_Q_LEN} query tokens in one query block, got "
-                         f"{options['max_seqlen_q']} tokens in {layout.n_q_blocks} blocks: use block_sparse_attention")
+                         f"{q_len} tokens in {layout.n_q_blocks} blocks: use block_sparse_attention")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    return _decode(q, k, v, layout, num_splits=num_splits, **options)
+    entries, counts = layout.visits(int(sink_tokens))
+    return block_sparse_decode_fwd(q, k, v, entries, counts, *options, num_splits)
