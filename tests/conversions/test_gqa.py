@@ -345,6 +345,7 @@ def test_demo_conversions_build_mqa_models():
     for step in [s for s in DEMO_CONVERSIONS if s.method == "gqa"]:  # (the sparse row: tests/eval/test_report.py)
         step = replace(step, options={**step.options, "calibration_tokens": 1024},
                        heal=step.heal and {**step.heal, "max_tokens": 1024})
-        new = _run_conversion(step, model, char_tokenizer(), TextData("texts", tuple(TEXTS)), 0)
+        texts = TextData("texts", tuple(TEXTS))
+        new = _run_conversion(step, model, char_tokenizer(), texts, texts, 0)   # calibration, train
         assert new.config.num_key_value_heads == 1 and not new.training, step.label
     assert model.config.num_key_value_heads == 2

@@ -98,7 +98,8 @@ def test_measure_speed_points():
         assert p.decode_tokens == 3 and p.prefill_s > 0 and p.decode_s > 0
         assert p.decode_tok_s == pytest.approx(3 / p.decode_s) and p.prefill_tok_s == pytest.approx(p.context / p.prefill_s)
         assert set(p.to_dict()) == {"context", "prefill_s", "prefill_tok_s", "decode_tokens", "decode_s", "decode_tok_s",
-                                    "cache_bytes"}
+                                    "cache_bytes", "repeats", "decode_tok_s_min", "decode_tok_s_max"}
+        assert p.repeats == 2 and p.decode_tok_s_min <= p.decode_tok_s <= p.decode_tok_s_max
         assert p.cache_bytes == kv_cache_bytes(m, tokens=p.context)         # the cache right after the prefill
     with pytest.raises(ValueError, match="decode_tokens"):
         measure_speed(m, (8,), decode_tokens=0)
