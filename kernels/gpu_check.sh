@@ -3,7 +3,8 @@
 #   1. the kernel tests on CUDA: pytest -m "triton_interpret or gpu" tests/kernels (incl. ring attention's flash
 #      pieces on one rank: test_ring.py::test_ring_attention_triton_pieces_on_cuda), and the patch's CUDA paths
 #      on models: tests/attention/test_patch_triton.py, tests/attention/test_cuda_paths.py (Quest's decode on
-#      the block-sparse decode kernel, KV policies, sparse prefill on the Triton kernels, a bf16 model);
+#      the block-sparse decode kernel, KV policies, sparse prefill on the Triton kernels, a bf16 model), and
+#      tests/attention/test_compile.py (the custom ops under torch.compile; opcheck is in tests/kernels);
 #      in parallel (pytest-xdist, 8 workers) where it is installed: compiling the kernels is most of the time
 #   2. the benchmarks: kernels/bench_attention.py --quick (Triton vs torch SDPA, flash-attn if installed)
 #   3. kernels/bench_linear.py --quick (Triton linear attention vs its PyTorch chunked form and softmax)
@@ -34,7 +35,7 @@ xdist=""
 "$PY" -c "import xdist" 2>/dev/null && xdist="-n 8"
 echo "== tests (limit 210 s) =="
 timeout 210 "$PY" -m pytest -q $xdist -m "triton_interpret or gpu" tests/kernels tests/attention/test_patch_triton.py \
-  tests/attention/test_cuda_paths.py -p no:cacheprovider -rfE \
+  tests/attention/test_cuda_paths.py tests/attention/test_compile.py -p no:cacheprovider -rfE \
   --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 tests_rc=$?
 tail -n 15 "$OUT/tests.log"
