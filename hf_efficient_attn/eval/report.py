@@ -300,16 +300,16 @@ def evaluate_models(models, data=None, *, context_length: int = 512, stride: int
         own = run if streamed != "kv" else \
             {**run, "stream_tokens": stream_tokens if i == 0 or kvp.policy_of(model) is not None else None}
         reports.append(evaluate_model(model, tok, text, name=name, family=family, **own))
-        variants.append((model, {}))
+        variants.append((model, {}) if interleave else None)   # only in-memory models are kept for the rounds
         for pattern in sparse:
             with patched(model, sparse=pattern):
                 reports.append(evaluate_model(model, tok, text, name=f"{name} + {pattern.name}", **run))
-            variants.append((model, {"sparse": pattern}))
+            variants.append((model, {"sparse": pattern}) if interleave else None)
         for policy in kv:
             with patched(model, kv=policy):
                 reports.append(evaluate_model(model, tok, text, name=f"{name} + {policy.name}",
                                               **{**run, "stream_tokens": stream_tokens if streamed else None}))
-            variants.append((model, {"kv": policy}))
+            variants.append((model, {"kv": policy}) if interleave else None)
         del model
     if interleave:
         _interleaved_speed(reports, variants, tuple(speed_contexts), decode_tokens, speed_rounds, progress)
