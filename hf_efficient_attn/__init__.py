@@ -22,7 +22,7 @@ _API = {
     "is_patched": "attention", "patch": "attention", "patched": "attention", "unpatch": "attention",
     "sparse": "attention", "kv": "attention", "ring": "attention",
     "convert": "conversions", "distill": "conversions", "save": "conversions", "load": "conversions",
-    "expand_kv_heads": "conversions",
+    "expand_kv_heads": "conversions", "freeze": "conversions",
     "perplexity": "eval", "kv_cache_bytes": "eval", "load_model": "eval", "load_text": "eval",
 }
 __all__ = ["HFAError", "__version__", "errors", *_API]
@@ -32,7 +32,7 @@ from .errors import HFAError  # noqa: E402
 
 try:
     from .attention import is_patched, kv, patch, patched, ring, sparse, unpatch  # noqa: F401  registers "hfa", "hfa_triton", "hfa_reference"
-    from .conversions import convert, distill, expand_kv_heads, load, save  # noqa: F401  every conversion, listed in CONVERSIONS
+    from .conversions import convert, distill, expand_kv_heads, freeze, load, save  # noqa: F401  every conversion, listed in CONVERSIONS
     from .eval import kv_cache_bytes, load_model, load_text, perplexity  # noqa: F401
 except ModuleNotFoundError as _e:
     if _e.name != "transformers":

@@ -66,6 +66,9 @@ TINY_CONVERSIONS = {
     "mla": {"kv_lora_rank": 8, "rope_dim": 4, "method": "weights"},
     "linear": {"window": 4},
     "mamba2": {},
+    "adaptive_span": {"max_span": 64, "ramp": 4},
+    "duo": {"sinks": 2, "window": 8},
+    "longformer": {"window": 8, "global_tokens": 2},
 }
 
 

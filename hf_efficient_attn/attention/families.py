@@ -86,22 +86,26 @@ class Family:
         raise ValueError(f"{self.model_type} has no per-head q/k norms")
 
 
+LEARNED_SPARSITY = ("adaptive_span", "duo", "longformer")   # the conversions of attention.span: one family set
+
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llama", "Llama", "LlamaConfig", "LlamaForCausalLM", "models.llama.modeling_llama.LlamaAttention",
-           methods=("gqa", "mla", "linear", "mamba2")),
+           methods=("gqa", "mla", "linear", *LEARNED_SPARSITY, "mamba2")),
     Family("mistral", "Mistral", "MistralConfig", "MistralForCausalLM",
-           "models.mistral.modeling_mistral.MistralAttention", methods=("gqa", "linear")),
+           "models.mistral.modeling_mistral.MistralAttention", methods=("gqa", "linear", *LEARNED_SPARSITY)),
     Family("qwen2", "Qwen2", "Qwen2Config", "Qwen2ForCausalLM", "models.qwen2.modeling_qwen2.Qwen2Attention",
-           methods=("gqa", "linear")),
+           methods=("gqa", "linear", *LEARNED_SPARSITY)),
     Family("qwen3", "Qwen3", "Qwen3Config", "Qwen3ForCausalLM", "models.qwen3.modeling_qwen3.Qwen3Attention",
-           methods=("gqa", "mla", "linear", "mamba2"), qk_norm="w", norm="models.qwen3.modeling_qwen3.Qwen3RMSNorm",
+           methods=("gqa", "mla", "linear", *LEARNED_SPARSITY, "mamba2"), qk_norm="w",
+           norm="models.qwen3.modeling_qwen3.Qwen3RMSNorm",
            norm_layout="bshd"),
     Family("gemma", "Gemma", "GemmaConfig", "GemmaForCausalLM", "models.gemma.modeling_gemma.GemmaAttention",
            methods=("gqa",)),
     Family("gemma2", "Gemma2", "Gemma2Config", "Gemma2ForCausalLM", "models.gemma2.modeling_gemma2.Gemma2Attention",
            methods=("gqa",)),
     Family("gemma3_text", "Gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM",
-           "models.gemma3.modeling_gemma3.Gemma3Attention", methods=("gqa", "mla", "linear"), qk_norm="1+w",
+           "models.gemma3.modeling_gemma3.Gemma3Attention", methods=("gqa", "mla", "linear", *LEARNED_SPARSITY),
+           qk_norm="1+w",
            norm="models.gemma3.modeling_gemma3.Gemma3RMSNorm", rope_per_layer_type=True),
     Family("phi3", "Phi3", "Phi3Config", "Phi3ForCausalLM", "models.phi3.modeling_phi3.Phi3Attention",
            methods=("gqa",), qkv="fused"),
@@ -222,7 +226,7 @@ def converted_model_class(family: Family, method: str, *, fields: dict, make_att
         return _CONVERTED[key]
     base_cfg, base_lm = family.config_class(), family.causal_lm_class()
     model_type = f"hfa_{method}_{family.name}"
-    tag = {"mla": "MLA"}.get(method, method.capitalize())
+    tag = {"mla": "MLA"}.get(method, "".join(part.capitalize() for part in method.split("_")))
 
     def validate_architecture(self):
         if hasattr(base_cfg, "validate_architecture"):

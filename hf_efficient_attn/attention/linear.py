@@ -54,8 +54,8 @@ from .families import FAMILIES as ALL_FAMILIES
 from .families import converted_model_class
 from .registry import HFAMask
 
-__all__ = ["FEATURE_MAPS", "FAMILIES", "LinearAttention", "LinearAttentionCacheLayer", "linear_model_class",
-           "make_feature_map"]
+__all__ = ["FEATURE_MAPS", "FAMILIES", "LinearAttention", "LinearAttentionCacheLayer", "OwnCacheLayer",
+           "linear_model_class", "make_feature_map"]
 
 
 # -- feature maps ---------------------------------------------------------------------------------------
@@ -121,19 +121,19 @@ def make_feature_map(name: str, heads: int, head_dim: int, feature_dim: int | No
 
 # -- the cache layer ------------------------------------------------------------------------------------
 
-class LinearAttentionCacheLayer(CacheLayerMixin):
-    """One linear layer's decoding state: fp32 ``state`` (B, Hkv, F, D) and ``normalizer`` (B, Hkv, F) over every
-    key older than the next token's window, and ``keys``/``values`` (B, Hkv, <= w - 1, D) of the window."""
+class OwnCacheLayer(CacheLayerMixin):
+    """A cache layer its converted attention module reads and writes itself (linear, learned sparsity), in the
+    model's own ``DynamicCache``: ``seen`` counts every token fed, so positions and masks stay those of the whole
+    sequence whatever the layer keeps; ``Cache.update`` is refused (the layer index belongs to the module)."""
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
     supports_early_init = False
+    owner = "its attention module"
 
-    def __init__(self, window: int):
+    def __init__(self):
         super().__init__()
-        self.window = window
-        self.state = self.normalizer = None
         self.seen = 0
 
     def lazy_initialization(self, key_states, value_states=None) -> None:
@@ -141,21 +141,8 @@ class LinearAttentionCacheLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        raise RuntimeError("a linear-attention cache layer is read and written by its LinearAttention module "
-                           "(read / write), not through Cache.update: this layer index belongs to a linear layer")
-
-    def read(self):
-        """(context keys, context values, (state, normalizer)) — all None before the first token."""
-        state = None if self.state is None else (self.state, self.normalizer)
-        return self.keys, self.values, state
-
-    def write(self, keys, values, state, new_tokens: int) -> None:
-        """Store the window's keys/values and the state (None: no key has left the window yet)."""
-        if not self.is_initialized:
-            self.lazy_initialization(keys)
-        self.keys, self.values = keys, values
-        self.state, self.normalizer = (None, None) if state is None else state
-        self.seen += new_tokens
+        raise RuntimeError(f"this cache layer is read and written by {self.owner}, not through Cache.update: this "
+                           "layer index belongs to a converted attention layer")
 
     def get_seq_length(self, *args) -> int:
         return self.seen
@@ -169,6 +156,31 @@ class LinearAttentionCacheLayer(CacheLayerMixin):
 
     def get_max_cache_shape(self) -> int:
         return -1
+
+
+class LinearAttentionCacheLayer(OwnCacheLayer):
+    """One linear layer's decoding state: fp32 ``state`` (B, Hkv, F, D) and ``normalizer`` (B, Hkv, F) over every
+    key older than the next token's window, and ``keys``/``values`` (B, Hkv, <= w - 1, D) of the window."""
+
+    owner = "its LinearAttention module (read / write)"
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+        self.state = self.normalizer = None
+
+    def read(self):
+        """(context keys, context values, (state, normalizer)) — all None before the first token."""
+        state = None if self.state is None else (self.state, self.normalizer)
+        return self.keys, self.values, state
+
+    def write(self, keys, values, state, new_tokens: int) -> None:
+        """Store the window's keys/values and the state (None: no key has left the window yet)."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys)
+        self.keys, self.values = keys, values
+        self.state, self.normalizer = (None, None) if state is None else state
+        self.seen += new_tokens
 
     def _tensors(self):
         return ("keys", "values", "state", "normalizer")
@@ -205,18 +217,25 @@ class LinearAttentionCacheLayer(CacheLayerMixin):
         self._apply(lambda t: t.to(self.device, non_blocking=True))
 
 
-def _cache_layer(cache, layer_idx: int, window: int) -> LinearAttentionCacheLayer:
-    """The linear cache layer at `layer_idx` of a transformers Cache, swapped in on first use."""
+def own_cache_layer(cache, layer_idx: int, cls: type, make, what: str):
+    """The `cls` cache layer at `layer_idx` of a transformers Cache, swapped in (``make()``) on first use; a layer
+    that already holds softmax keys/values is refused (`what`: the converted layer, for the message)."""
     layers = cache.layers
     while len(layers) <= layer_idx:             # a lazily grown cache (DynamicCache() without a config)
         layers.append(DynamicLayer())
     layer = layers[layer_idx]
-    if not isinstance(layer, LinearAttentionCacheLayer):
+    if not isinstance(layer, cls):
         if layer.get_seq_length() > 0:
-            raise ValueError(f"layer {layer_idx} is a linear-attention layer but the cache passed in already holds "
+            raise ValueError(f"layer {layer_idx} is a {what} layer but the cache passed in already holds "
                              f"softmax keys/values for it ({type(layer).__name__}); start from an empty cache")
-        layer = layers[layer_idx] = LinearAttentionCacheLayer(window)
+        layer = layers[layer_idx] = make()
     return layer
+
+
+def _cache_layer(cache, layer_idx: int, window: int) -> LinearAttentionCacheLayer:
+    """The linear cache layer at `layer_idx` of a transformers Cache, swapped in on first use."""
+    return own_cache_layer(cache, layer_idx, LinearAttentionCacheLayer, lambda: LinearAttentionCacheLayer(window),
+                           "linear-attention")
 
 
 def key_padding(attention_mask, kv_len: int):

@@ -17,12 +17,13 @@ from __future__ import annotations
 from .convert import CONVERSIONS, convert, options_of, register_conversion
 from .distill import STAGES, TRAINABLE, DistillResult, Stage, default_trainable, distill, register_stage
 from .gqa import convert_gqa, expand_kv_heads
+from .span import freeze
 from .io import (check_target, download_checkpoint, is_main_process, load, save, text_documents, token_blocks,
                  verify_checkpoint)
 
 __all__ = [
     "CONVERSIONS", "STAGES", "TRAINABLE", "DistillResult", "Stage", "check_target", "convert", "convert_gqa",
-    "default_trainable", "distill", "download_checkpoint", "expand_kv_heads", "is_main_process", "load", "options_of",
+    "default_trainable", "distill", "download_checkpoint", "expand_kv_heads", "freeze", "is_main_process", "load", "options_of",
     "register_conversion", "register_stage", "save", "text_documents", "token_blocks", "verify_checkpoint",
 ]
 

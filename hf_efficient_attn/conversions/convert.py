@@ -23,6 +23,7 @@ from .io import check_finite
 from .linear import convert_linear
 from .mamba2 import convert_mamba2
 from .mla import convert_mla
+from .span import convert_adaptive_span, convert_duo, convert_longformer
 
 __all__ = ["CONVERSIONS", "convert", "options_of", "register_conversion", "unknown_and_missing"]
 
@@ -31,6 +32,9 @@ CONVERSIONS: dict[str, Callable] = {
     "mla": convert_mla,          # a low-rank latent KV cache plus one shared RoPE key (GQA -> MLA)
     "linear": convert_linear,    # softmax -> (sliding-window +) linear attention, healed by distillation
     "mamba2": convert_mamba2,    # softmax -> Mamba-2 form (gated linear attention, data-dependent decay)
+    "adaptive_span": convert_adaptive_span,   # a learned span per KV head (soft), then freeze: hard windows
+    "duo": convert_duo,          # a learned gate per KV head between full and sinks + window, then freeze
+    "longformer": convert_longformer,   # local window + global first tokens, healed; constant-size cache
 }
 
 

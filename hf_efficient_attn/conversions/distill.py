@@ -13,14 +13,19 @@ processes with ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_proces
 Stages (`STAGES`, listed below): ``"logits"``: KL(teacher || student) over the vocabulary at every position (at a
 temperature), optionally plus the next-token cross-entropy; ``"attention"``: layer-by-layer attention transfer
 for the linear-attention students of ``convert(model, "linear")`` and ``convert(model, "mamba2")``
-(`linear.attention_transfer_loss`). A stage from outside the package is added with `register_stage`.
+(`linear.attention_transfer_loss`); ``"sparsity"``: the KL plus ``penalty`` x the mean learned reach of an
+``adaptive_span`` or ``duo`` student (`span.sparsity_loss`; ``stage_options={"penalty": 0.05}``). A stage's own loss
+options go in `stage_options` (checked against its loss's keywords before anything runs). A stage from outside the
+package is added with `register_stage`.
 
 What trains (`trainable`; None: `default_trainable` — the selector named after the student's last conversion where
 `TRAINABLE` has one, e.g. ``"mla"`` for an MLA model, ``"mamba2"`` for a Mamba-2-form one, else the stage's own
 default (``"feature_maps"`` in stage "attention"), else ``"kv"``; `TRAINABLE`, listed below): ``"kv"``
 (k/v projections: all that GQA pooling changed), ``"attention"`` (all attention projections), ``"all"``, ``"mla"``
 (every attention weight of an MLA model), ``"feature_maps"`` (the feature maps and window mix of linear
-attention), ``"mamba2"`` (every parameter of the Mamba-2-form layers: q/k/v/o, norms, decay), ``"lora"`` (LoRA
+attention), ``"mamba2"`` (every parameter of the Mamba-2-form layers: q/k/v/o, norms, decay),
+``"adaptive_span"`` / ``"duo"`` (only the spans / gates of a learned-sparsity student), ``"longformer"`` (the
+attention projections), ``"lora"`` (LoRA
 adapters on every linear layer inside the student's attention modules, whatever the conversion made them: q/k/v/o,
 MLA's kv_a_proj/k_rope_proj/kv_b_proj; through peft, merged into the weights at the end), or a callable
 ``(name, param) -> bool`` (one with a ``for_model(model)`` method is bound to the student first).
@@ -45,6 +50,7 @@ the same weights as a run that was never interrupted (the data order depends onl
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import time
 from contextlib import ExitStack, nullcontext
@@ -64,6 +70,7 @@ from .io import check_finite, token_blocks
 from .linear import LINEAR_NEW_MODULES, attention_transfer_loss, check_linear_student
 from .mamba2 import MAMBA2_TRAINABLE
 from .mla import MLA_TRAINABLE
+from .span import SPAN_TRAINABLE, check_sparsity_student, sparsity_loss
 from .toolkit import atomic_write, conversion_history, with_provenance
 
 __all__ = ["DistillResult", "DEFAULT_LR", "STAGES", "Stage", "TRAINABLE", "attention_linear_names", "default_trainable",
@@ -111,6 +118,9 @@ STAGES: dict[str, Stage] = {
     "attention": Stage("attention", attention_transfer_loss,
                        "per-layer attention-output MSE to the teacher, each layer on the teacher's own inputs",
                        check=check_linear_student, default_trainable="feature_maps"),
+    "sparsity": Stage("sparsity", sparsity_loss,
+                      "KL to the teacher + penalty x the mean learned reach (adaptive span's spans, duo's gates)",
+                      check=check_sparsity_student, default_trainable="adaptive_span"),
 }
 
 
@@ -141,6 +151,9 @@ TRAINABLE: dict[str, Callable] = {
     "mla": MLA_TRAINABLE,                                       # `hfa convert --method mla`'s default
     "feature_maps": _modules_named(*LINEAR_NEW_MODULES),       # stage "attention"'s default for linear attention
     "mamba2": MAMBA2_TRAINABLE,                                 # every parameter of the Mamba-2-form layers
+    **SPAN_TRAINABLE,                                           # adaptive span's spans / duo's gates only
+    # a longformer student: its attention projections learn to do with the window and the global tokens
+    "longformer": _modules_named("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "q_norm", "k_norm"),
 }
 DEFAULT_LR = {
     "kv": 1e-3, "attention": 1e-4, "all": 3e-5, "lora": 1e-3, "callable": 1e-4,
@@ -152,6 +165,10 @@ DEFAULT_LR = {
     # 12-step probe only (SmolLM2-135M, stage "attention", 2 x 256 tokens a step): relative MSE 33.9 -> 6.8 at 1e-3,
     # -> 2.0 at 1e-2
     "mamba2": 1e-3,
+    # spans/gates are fractions in [0, 1] that Adam moves by about lr a step: 5e-2 lets a few dozen steps reach any
+    # value (the demo's and the recipe's setting; not swept)
+    "adaptive_span": 5e-2, "duo": 5e-2,
+    "longformer": 1e-4,
 }
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")   # the fallback when no attention module is found
 
@@ -315,6 +332,25 @@ def _check_pair(student, teacher, stage: str, checkpoint_dir, checkpoint_every) 
     return stage_obj
 
 
+def _check_stage_options(stage: Stage, options) -> dict:
+    """`options` ({} for None) when stage `stage`'s loss takes each of them as a keyword, else an HFAError listing
+    what it takes (the KL weights have their own distill arguments)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise HFAError(f"stage_options must be a dict of stage {stage.name!r}'s loss options, got "
+                       f"{type(options).__name__}")
+    params = inspect.signature(stage.loss).parameters
+    own = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+           and n not in ("kl_weight", "ce_weight", "temperature")]
+    unknown = [k for k in options if k not in own]
+    if unknown:
+        raise HFAError(f"stage {stage.name!r} takes no option {', '.join(map(repr, unknown))} in stage_options; it "
+                       f"takes: {', '.join(own) or 'none'} (kl_weight, ce_weight and temperature are distill's own "
+                       "arguments)")
+    return dict(options)
+
+
 def _ring_settings(student, stage: str, seq_len: int, ce_weight: float):
     """The student's ring settings when it is patched with backend="ring" (sequence parallel), else None."""
     from ..attention.registry import IMPL_NAMES
@@ -398,7 +434,7 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
             seq_len: int = 512, batch_size: int = 4, trainable=None, lr: float | None = None,
             weight_decay: float = 0.0, warmup: float = 0.05, grad_clip: float | None = 1.0,
             kl_weight: float = 1.0, ce_weight: float = 0.0, temperature: float = 1.0,
-            lora_rank: int = 8, lora_alpha: int = 16, lora_targets=None,
+            stage_options: dict | None = None, lora_rank: int = 8, lora_alpha: int = 16, lora_targets=None,
             bf16: bool | None = None, gradient_checkpointing: bool = False,
             checkpoint_dir=None, checkpoint_every: int | None = None, resume: bool = True,
             seed: int = 0, progress: bool = True, on_step: Callable | None = None) -> DistillResult:
@@ -415,6 +451,7 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
     from accelerate import Accelerator
 
     stage_obj = _check_pair(student, teacher, stage, checkpoint_dir, checkpoint_every)
+    stage_options = _check_stage_options(stage_obj, stage_options)
     trainable = default_trainable(student, stage) if trainable is None else trainable
     ring = _ring_settings(student, stage, seq_len, ce_weight)
     accelerator = Accelerator()
@@ -467,14 +504,15 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
         # -- resume
         fingerprint = {"stage": stage, "max_tokens": max_tokens, "seq_len": seq_len, "batch_size": batch_size,
                        "processes": processes, "trainable": kind, "lr": lr, "seed": seed, "kl_weight": kl_weight,
-                       "ce_weight": ce_weight, "temperature": temperature,
+                       "ce_weight": ce_weight, "temperature": temperature, **stage_options,
                        "parameters": [(n, tuple(p.shape)) for n, p in named],
                        "data": hashlib.sha256(blocks.numpy().tobytes()).hexdigest()}
         state_path = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None
         start, losses = _resume(state_path if resume else None, fingerprint, named, optimizer, scheduler)
 
         # -- train
-        loss_options = {"kl_weight": kl_weight, "ce_weight": ce_weight, "temperature": temperature}
+        loss_options = {"kl_weight": kl_weight, "ce_weight": ce_weight, "temperature": temperature,
+                        **stage_options}
         bar = tqdm(total=steps, initial=start, desc=f"distill ({stage})", unit="step",
                    disable=not (progress and accelerator.is_local_main_process))
         t0 = time.perf_counter()
@@ -509,6 +547,6 @@ def distill(student, teacher, data, *, tokenizer=None, stage: str = "logits", ma
     with_provenance(student, student, {
         "distill": stage, "tokens": steps * tokens_per_step, "trainable": kind, "lr": lr, "seq_len": seq_len,
         "batch_size": batch_size, "processes": processes, "kl_weight": kl_weight, "ce_weight": ce_weight,
-        "temperature": temperature, "bf16": use_bf16, "seed": seed,
+        "temperature": temperature, **stage_options, "bf16": use_bf16, "seed": seed,
         **({"sequence_parallel": f"ring x{processes}"} if ring is not None else {})})
     return DistillResult(student, losses, steps * tokens_per_step, steps, seconds, start)

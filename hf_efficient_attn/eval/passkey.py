@@ -38,6 +38,7 @@ from .data import load_text
 from .perplexity import _model_name
 
 __all__ = ["DEFAULT_DEPTHS", "FILLERS", "PasskeyResult", "build_prompt", "format_passkey", "passkey_keys",
+           "passkey_training_ids",
            "passkey_retrieval"]
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -129,6 +130,23 @@ def passkey_keys(lengths, depths, trials: int, seed: int) -> dict[tuple[int, flo
     drawn in the order length, depth, trial, so the lm-eval task ``hfa_passkey`` asks what this module asks."""
     rng = random.Random(seed)
     return {(n, d, t): str(rng.randint(10000, 99999)) for n in lengths for d in depths for t in range(trials)}
+
+
+def passkey_training_ids(tokenizer, count: int, length: int, *, seed: int = 1, filler: str = "repeat") -> torch.Tensor:
+    """Synthetic retrieval data to train on (DuoAttention's recipe): ``count`` passkey prompts of ``length`` tokens
+    each, the answer included (prompt of ``length - len(answer)`` tokens, then " {key}."), needles at uniform random
+    depths; (count, length) int64 ids for ``hfa.distill``. Keys come from ``random.Random(seed)``: the default seed
+    1 never draws the evaluation's prompts (seed 0) in the same order."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be a positive int, got {count!r}")
+    rng = random.Random(seed)
+    units = _filler_units(tokenizer, filler)
+    rows = []
+    for _ in range(count):
+        key = str(rng.randint(10000, 99999))
+        answer = _ids(tokenizer, f" {key}.")
+        rows.append(build_prompt(tokenizer, length - len(answer), rng.random(), key, filler, units) + answer)
+    return torch.tensor(rows, dtype=torch.long)
 
 
 @torch.no_grad()

@@ -604,7 +604,9 @@ class DemoConversion:
     ``hfa.sparse.PATTERNS``, `options` its arguments: a copy of the base model patched with it) or ``"kv"`` (a name
     in ``hfa.kv.POLICIES``, likewise). heal: distillation stages run after the conversion, in order, each
     ``hfa.distill(new, model, train, tokenizer=..., **stage)`` on the train split (the demo evaluates on the
-    held-out one). build: instead, a function ``build(model, tokenizer, calibration: TextData, max_tokens: int) ->
+    held-out one); a stage with ``"data": "passkey"`` trains on synthetic passkey prompts of its seq_len
+    (``passkey.passkey_training_ids``) instead. after: ``after(model) -> model`` once the stages ran (e.g.
+    ``hfa.freeze``). build: instead, a function ``build(model, tokenizer, calibration: TextData, max_tokens: int) ->
     model`` for recipes that are none of these. Either way the base model must come back unmodified: it is the
     first row of the table.
     """
@@ -615,6 +617,7 @@ class DemoConversion:
     build: Callable | None = None
     heal: dict | tuple | None = None
     family: str | None = None
+    after: Callable | None = None
 
     @property
     def kind(self) -> str:
@@ -634,6 +637,14 @@ class DemoConversion:
 
 _GQA_KV1 = {"num_kv_heads": 1, "calibration_tokens": 4096}
 _HEAL = {"max_tokens": 8192, "seq_len": 256, "batch_size": 4}
+
+
+def _frozen(**options) -> Callable:
+    """``after`` of a learned-sparsity row: ``hfa.freeze(model, **options)`` (soft spans/gates -> hard reach)."""
+    def after(model):
+        from ..conversions import freeze
+        return freeze(model, **options)
+    return after
 
 
 def _patched_copy(family: str, method: str, options: dict):
@@ -662,6 +673,9 @@ def _patched_copy(family: str, method: str, options: dict):
 # - linear (Hedgehog, a 64-token softmax window) and Mamba-2 form: both after attention transfer only (stage 1 of
 #   their recipes; see conversions/linear_smollm2.py and mamba2_smollm2.py for the full heals);
 # - sparse prefill patterns (labelled approximate, with their density and per-layer error), sized for 512 tokens;
+# - learned sparsity: adaptive span (spans trained by the sparsity penalty, then frozen to windows), duo (gates
+#   trained on synthetic passkey prompts, 25 % of KV heads kept full) and a healed Longformer (window + 4 global
+#   tokens): each keeps only its reach in the cache;
 # - KV-cache policies at 25 % of a 512-token prefill (scored by the decode protocol, where they act).
 # About 12 minutes in all on 2 idle CPU cores; `hfa demo --quick` runs the same lines on small budgets.
 DEMO_CONVERSIONS: list[DemoConversion] = [
@@ -674,6 +688,14 @@ DEMO_CONVERSIONS: list[DemoConversion] = [
                    heal=_HEAL),
     DemoConversion("linear w=64 + attention transfer", "linear", {"window": 64}, heal={**_HEAL, "stage": "attention"}),
     DemoConversion("mamba2 + attention transfer", "mamba2", {}, heal={**_HEAL, "stage": "attention", "lr": 1e-2}),
+    DemoConversion("adaptive span max 512 + sparsity, frozen", "adaptive_span",
+                   {"max_span": 512, "ramp": 32, "sinks": 4},
+                   heal={**_HEAL, "stage": "sparsity", "stage_options": {"penalty": 0.05}},
+                   after=_frozen()),
+    DemoConversion("duo s4 w64 + passkey gates, 25% full", "duo", {"sinks": 4, "window": 64},
+                   heal={**_HEAL, "stage": "sparsity", "data": "passkey", "stage_options": {"penalty": 0.05}},
+                   after=_frozen(full_heads=0.25)),
+    DemoConversion("longformer w128 g4 + heal", "longformer", {"window": 128, "global_tokens": 4}, heal=_HEAL),
     DemoConversion("sparse streaming s4 w128", "streaming", {"sinks": 4, "window": 128}, family="sparse"),
     DemoConversion("sparse longformer w128 g4", "longformer", {"window": 128, "global_tokens": 4}, family="sparse"),
     DemoConversion("sparse dilated w256 d2", "dilated", {"window": 256, "dilation": 2}, family="sparse"),
@@ -739,7 +761,16 @@ def _run_conversion(step: DemoConversion, model, tokenizer, calibration: TextDat
     given = {"calibration": list(calibration.documents), "tokenizer": tokenizer}
     new = convert(model, step.method, **{k: v for k, v in given.items() if k in accepted}, **step.options)
     for stage in step.stages:
-        distill(new, model, list(train.documents), tokenizer=tokenizer, progress=False, **stage)
+        stage = dict(stage)
+        if stage.pop("data", None) == "passkey":
+            from .passkey import passkey_training_ids
+            seq = stage.get("seq_len", 512)
+            data, tok = passkey_training_ids(tokenizer, max(1, stage["max_tokens"] // seq), seq), None
+        else:
+            data, tok = list(train.documents), tokenizer
+        distill(new, model, data, tokenizer=tok, progress=False, **stage)
+    if step.after is not None:
+        new = step.after(new)
     return new.eval()
 
 
