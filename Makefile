@@ -46,7 +46,7 @@ test-min-transformers: $(STAMP)
 		tests/conversions/test_mla_gemma3.py tests/conversions/test_linear.py tests/conversions/test_io.py \
 		tests/conversions/test_mla_qwen3.py tests/conversions/test_linear_gemma3.py tests/attention/test_families.py tests/attention/test_backends.py \
 		tests/attention/test_sparse_patch.py tests/attention/test_ring_model.py tests/attention/test_kv_policies.py \
-		tests/conversions/test_mamba2.py tests/conversions/test_io_share.py
+		tests/conversions/test_mamba2.py tests/conversions/test_io_share.py tests/conversions/test_span.py
 	rm -rf $(MIN_ENV)
 
 # The throwaway env: a venv on the base interpreter (what `python -m venv` makes, even from inside a venv)

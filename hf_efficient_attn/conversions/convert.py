@@ -21,6 +21,7 @@ from ..errors import ConversionError, HFAError, OptionError
 from .gqa import convert_gqa
 from .io import check_finite
 from .linear import convert_linear
+from .linformer import convert_linformer
 from .mamba2 import convert_mamba2
 from .mla import convert_mla
 from .span import convert_adaptive_span, convert_duo, convert_longformer
@@ -35,6 +36,7 @@ CONVERSIONS: dict[str, Callable] = {
     "adaptive_span": convert_adaptive_span,   # a learned span per KV head (soft), then freeze: hard windows
     "duo": convert_duo,          # a learned gate per KV head between full and sinks + window, then freeze
     "longformer": convert_longformer,   # local window + global first tokens, healed; constant-size cache
+    "linformer": convert_linformer,     # encoders only: K/V projected along the sequence to k rows
 }
 
 

@@ -541,7 +541,8 @@ def _checkpoint_folder(path, revision, token) -> tuple[Path, str | None]:
 
 def load(path, *, dtype=None, attn_implementation: str | None = None, device=None, verify: bool = True,
          revision: str | None = None, token=None):
-    """Load a checkpoint written by `save` (or any causal-LM checkpoint in safetensors) in eval mode.
+    """Load a checkpoint written by `save` (or any causal-LM checkpoint in safetensors) in eval mode; an encoder's
+    (architectures naming no causal LM, e.g. BertModel or a Linformer encoder) loads with AutoModel.
 
     path: a local checkpoint folder, or a Hugging Face Hub id (``"user/name"``, as ``from_pretrained`` takes;
     a local folder of that name wins), downloaded with `download_checkpoint` into the Hugging Face cache
@@ -553,7 +554,7 @@ def load(path, *, dtype=None, attn_implementation: str | None = None, device=Non
     tokenizer, if saved, loads with ``AutoTokenizer.from_pretrained(path)`` (a Hub id works there too).
     """
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     path, hub_id = _checkpoint_folder(path, revision, token)
     record = _read_record(path)
@@ -565,7 +566,8 @@ def load(path, *, dtype=None, attn_implementation: str | None = None, device=Non
     if impl:
         kwargs["attn_implementation"] = impl
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        auto = AutoModelForCausalLM if _is_causal_lm(AutoConfig.from_pretrained(path)) else AutoModel
+        model = auto.from_pretrained(path, **kwargs)
     except SafetensorError as e:
         raise CheckpointError(f"the checkpoint {path} is damaged: {_unreadable_weights(path)}. It is truncated or "
                               f"corrupt: copy or save it again ({type(e).__name__}: {e})") from e
@@ -578,6 +580,18 @@ def load(path, *, dtype=None, attn_implementation: str | None = None, device=Non
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _is_causal_lm(config) -> bool:
+    """Whether `config` is a causal LM's (AutoModelForCausalLM loads it), else an encoder's (AutoModel): a config
+    transformers maps to a causal LM, unless its architectures name none (BertModel: a BERT config maps to
+    BertLMHeadModel too)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+        return False
+    return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
 
 
 def _torch_dtype_of(dtype):

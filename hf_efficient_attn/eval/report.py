@@ -709,6 +709,10 @@ DEMO_CONVERSIONS: list[DemoConversion] = [
 ]
 
 
+# conversions of encoders (the demo's model is a decoder): `hfa demo` measures them in its encoder step (encoder_check)
+DEMO_ENCODER_CONVERSIONS = ("linformer",)
+
+
 def demo_conversions() -> list[DemoConversion]:
     """Every method `hfa demo` runs: `DEMO_CONVERSIONS`."""
     return list(DEMO_CONVERSIONS)
@@ -729,10 +733,13 @@ class DemoBudget:
     heal_scale: float = 1.0         # multiplies every heal stage's max_tokens
     calibration_tokens: int | None = None   # caps every conversion's calibration_tokens
     patch_new_tokens: int = 32
+    encoder_heal_tokens: int | None = 16384   # the encoder-only conversion (Linformer on MiniLM); None: skip it
+    encoder_inputs: int = 16                   # held-out inputs its cosine is measured on
 
 
 QUICK = DemoBudget(max_tokens=512, context_length=256, stream_tokens=32, kv_long_tokens=1024, speed_contexts=(64,),
-                   decode_tokens=4, speed_rounds=3, heal_scale=1 / 16, calibration_tokens=512, patch_new_tokens=8)
+                   decode_tokens=4, speed_rounds=3, heal_scale=1 / 16, calibration_tokens=512, patch_new_tokens=8,
+                   encoder_heal_tokens=2048, encoder_inputs=4)
 FULL = DemoBudget()
 
 
@@ -785,7 +792,9 @@ def run_demo(max_tokens: int | None = None, context_length: int | None = None, o
     budget: `FULL` (default) or `QUICK` (``quick=True``); the other arguments override single fields of it.
     device/dtype: where and in what the model runs (None: CPU; "auto": CUDA where available); the ring check runs
     its 2 processes on CPU (gloo) whatever the device.
+    Then the encoder-only conversions (Linformer) on the bundled encoder, `encoder_check` (not rows of the table).
     Returns ``{"patch_check": dict, "ring_check": dict, "reports": [ModelReport], "table": str, "files": dict | None,
+    "encoder_check": dict | None,
     "ok": bool, "seconds": float}``.
     """
     import dataclasses
@@ -841,12 +850,21 @@ def run_demo(max_tokens: int | None = None, context_length: int | None = None, o
                               speed_rounds=budget.speed_rounds, families=families, progress=progress)
     table = format_table(reports)
     echo("\n" + table)
+    encoder = None
+    if budget.encoder_heal_tokens is not None:
+        from .encoder_check import encoder_check, format_encoder_check
+        echo("\nencoder-only conversion (not a SmolLM2 row: Linformer projects along the sequence, which a decoder "
+             "cannot): all-MiniLM-L6-v2")
+        encoder = encoder_check(heal_tokens=budget.encoder_heal_tokens, inputs=budget.encoder_inputs,
+                                repeats=budget.speed_rounds)
+        echo("  " + format_encoder_check(encoder))
     seconds = time.perf_counter() - t_start
     files = None
     if out_dir is not None:
         files = write_report(reports, out_dir, extra={"patch_check": check, "ring_check": ring_res,
+                                                      "encoder_check": encoder,
                                                       "budget": dataclasses.asdict(budget), "seconds": seconds})
         echo(f"\nwrote {files['json']}, {files['markdown']}" + "".join(f", {p}" for p in files["plots"]))
     echo(f"hfa demo: {seconds / 60:.1f} min")
     return {"patch_check": check, "ring_check": ring_res, "reports": reports, "table": table, "files": files,
-            "ok": bool(check.get("ok")) and ring_ok, "seconds": seconds}
+            "encoder_check": encoder, "ok": bool(check.get("ok")) and ring_ok, "seconds": seconds}

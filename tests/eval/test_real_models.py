@@ -110,7 +110,13 @@ def test_hfa_demo_quick_runs_every_method(tmp_path, capsys):
     kv_rows = [m for m in rows if m["family"] == "kv"]
     assert kv_rows and all(m["approximate"] and m["stream_ppl"] > 1 for m in kv_rows)
     assert all(p["repeats"] == 3 for m in payload["models"] for p in m["speed"])   # medians of 3 rounds
-    assert {m["family"] for m in rows} >= {"gqa", "mla", "linear", "mamba2", "sparse", "kv"}
+    assert {m["family"] for m in rows} >= {"gqa", "mla", "linear", "mamba2", "adaptive_span", "duo", "longformer",
+                                           "sparse", "kv"}
+    learned = [m for m in rows if m["family"] in ("adaptive_span", "duo", "longformer")]
+    assert all(m["kv_long_bytes_per_token"] < base["kv_long_bytes_per_token"] for m in learned)   # the reach only
+    enc = payload["encoder_check"]                # the encoder-only conversion, on MiniLM
+    assert enc["approximate"] and enc["k"] == 64 and 0 < enc["cosine_after"] <= 1 and enc["heal_tokens"] == 2048
+    assert "linformer k=64 (approximate)" in out
     assert [p["label"] for p in payload["pareto"]] == names and payload["pareto_frontier"][0] != names[0]
     assert (tmp_path / "demo" / "ppl_vs_kv_bytes.png").stat().st_size > 10_000
     assert payload["seconds"] < 600
