@@ -23,8 +23,6 @@ Shows, on the bundled corpus (Python docs; train and held-out eval splits, by do
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ import transformers
 
 import hf_efficient_attn as hfa
 from hf_efficient_attn.conversions.linformer import convert_linformer, encoder_token_blocks, pooled_cosine
+from hf_efficient_attn.eval.encoder_check import forward_seconds
 
 
 def tiny_bert(vocab_size: int):
@@ -58,20 +57,6 @@ def short_sentences(tok, held_out, k: int, n: int = 16):
             break
     batch = tok(sentences, padding=True, return_tensors="pt")
     return batch["input_ids"], batch["attention_mask"]
-
-
-@torch.no_grad()
-def forward_seconds(models: dict, ids, repeats: int) -> dict:
-    """Median seconds of one forward of each model on `ids`, in `repeats` interleaved rounds (after a warm-up)."""
-    times = {name: [] for name in models}
-    for m in models.values():
-        m(input_ids=ids)
-    for _ in range(repeats):
-        for name, m in models.items():
-            t0 = time.perf_counter()
-            m(input_ids=ids)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None):

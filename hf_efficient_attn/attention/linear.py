@@ -55,7 +55,7 @@ from .families import converted_model_class
 from .registry import HFAMask
 
 __all__ = ["FEATURE_MAPS", "FAMILIES", "LinearAttention", "LinearAttentionCacheLayer", "OwnCacheLayer",
-           "linear_model_class", "make_feature_map"]
+           "linear_model_class", "make_feature_map", "project_qkv"]
 
 
 # -- feature maps ---------------------------------------------------------------------------------------
@@ -266,6 +266,22 @@ def key_padding(attention_mask, kv_len: int):
 QUADRATIC_LIMIT = 1024 * 1024
 
 
+def project_qkv(module, hidden_states, position_embeddings, rope: bool = True):
+    """q (B, H, S, D), k and v (B, Hkv, S, D) of a converted layer that kept the original q/k/v projections (and
+    q_norm/k_norm where the family has them), rotated by RoPE unless `rope` is False: the original layer's view."""
+    b, s, _ = hidden_states.shape
+    q = module.q_proj(hidden_states).view(b, s, -1, module.head_dim)
+    k = module.k_proj(hidden_states).view(b, s, -1, module.head_dim)
+    v = module.v_proj(hidden_states).view(b, s, -1, module.head_dim).transpose(1, 2)
+    if hasattr(module, "q_norm"):
+        q, k = module.q_norm(q), module.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    if rope:
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
 class LinearAttention(nn.Module):
     """Linear (window=0) or hybrid sliding-window + linear attention in place of a softmax attention layer.
 
@@ -324,17 +340,8 @@ class LinearAttention(nn.Module):
     def project(self, hidden_states, position_embeddings):
         """(q (B, H, S, D), k (B, Hkv, S, D), v (B, Hkv, S, D)) after norms and RoPE (``rope``): the original
         layer's view."""
-        b, s, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim)
-        k = self.k_proj(hidden_states).view(b, s, -1, self.head_dim)
-        v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        if self.rope:
-            cos, sin = position_embeddings
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return q, k, v
+        return project_qkv(self, hidden_states, position_embeddings, rope=self.rope)
+
 
     def features(self, q, k):
         """(phi_q(q) (B, H, S, F), phi_k(k) (B, Hkv, T, F)): what the linear part multiplies."""

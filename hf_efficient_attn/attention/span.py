@@ -41,14 +41,13 @@ import math
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .backends import BACKENDS, check_backend
 from .families import FAMILIES as ALL_FAMILIES
 from .families import converted_model_class, layer_window
 from .kv.base import PolicyCacheLayer
 from .kv.streaming import Streaming
-from .linear import OwnCacheLayer, key_padding, own_cache_layer
+from .linear import OwnCacheLayer, key_padding, own_cache_layer, project_qkv
 from .registry import softmax_attention
 from .sparse.apply import sparse_attention
 from .sparse.streaming import streaming as streaming_pattern
@@ -276,16 +275,7 @@ class SpanAttention(nn.Module):
 
     # -- projections --------------------------------------------------------------------------------------
     def project(self, hidden_states, position_embeddings):
-        b, s, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim)
-        k = self.k_proj(hidden_states).view(b, s, -1, self.head_dim)
-        v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return q, k, v
+        return project_qkv(self, hidden_states, position_embeddings)
 
     # -- the soft forms -----------------------------------------------------------------------------------
     def _soft(self, q, k, v, kpm):

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-__all__ = ["encoder_check", "format_encoder_check"]
+__all__ = ["encoder_check", "format_encoder_check", "forward_seconds"]
 
 
 def encoder_check(model: str = "minilm-l6", k: int = 64, tokens: int = 256, heal_tokens: int = 16384,
@@ -45,9 +45,16 @@ def encoder_check(model: str = "minilm-l6", k: int = 64, tokens: int = 256, heal
         out.update(heal_tokens=res.tokens, heal_seconds=time.perf_counter() - t0)
     out.update(cosine_after=cos.mean().item(), cosine_after_min=cos.min().item())
     ids = encoder_token_blocks(tok, load_text(None, split="eval"), speed_length, max_tokens=speed_length)
-    times = {"original": [], "linformer": []}
-    models = {"original": base, "linformer": new.eval()}
-    with torch.inference_mode():
+    t = forward_seconds({"original": base, "linformer": new.eval()}, ids, repeats)
+    out.update(speed_tokens=int(ids.numel()), original_ms=t["original"] * 1e3, linformer_ms=t["linformer"] * 1e3)
+    return out
+
+
+def forward_seconds(models: dict, ids, repeats: int) -> dict:
+    """Median seconds of one forward of each model on `ids`, in `repeats` interleaved rounds (after a warm-up), so a
+    load on the machine slows every model alike."""
+    times = {name: [] for name in models}
+    with torch.no_grad():
         for m in models.values():
             m(input_ids=ids)
         for _ in range(repeats):
@@ -55,9 +62,7 @@ def encoder_check(model: str = "minilm-l6", k: int = 64, tokens: int = 256, heal
                 t0 = time.perf_counter()
                 m(input_ids=ids)
                 times[name].append(time.perf_counter() - t0)
-    out.update(speed_tokens=int(ids.numel()), original_ms=statistics.median(times["original"]) * 1e3,
-               linformer_ms=statistics.median(times["linformer"]) * 1e3)
-    return out
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def format_encoder_check(res: dict) -> str:
